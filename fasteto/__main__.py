@@ -1,0 +1,5 @@
+import sys
+
+from fasteto.cli import main
+
+sys.exit(main())

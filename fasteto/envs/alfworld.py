@@ -1,0 +1,197 @@
+"""ALFWorld (Shridhar et al. 2021): TextWorld's engine over ALFRED's PDDL games, in this process.
+
+Games come from ``$ALFWORLD_DATA/json_2.1.1/<split>/<task-dir>/<trial>/game.tw-pddl``; each game file
+embeds its PDDL domain and grammar. Task ids are ``"<task-dir>/<trial>"`` (ETO's game ids).
+ETO's protocol: the task message is the game's opening text without its banner, "You arrive at loc N."
+is cut from observations, reward 1 when won, 40 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from fasteto.envs.base import EnvSetupError, TextEnv
+
+MAX_STEPS = 40
+EXPERTS = ("planner", "handcoded")
+EXPERT_TIMEOUT_STEPS = 150  # ALFWorld's own budget for its hand-coded expert
+SPLITS = {"train": "train", "valid_seen": "valid_seen", "seen": "valid_seen", "dev": "valid_seen",
+          "valid_unseen": "valid_unseen", "unseen": "valid_unseen", "test": "valid_unseen"}
+_ARRIVE = re.compile(r"^You arrive at loc \d+\. ")
+
+DATA_HELP = (
+    "ALFWorld's game files were not found: {why}. fasteto looks in --alfworld-data, then $ALFWORLD_DATA, "
+    "then ~/.cache/alfworld (where `alfworld-download` puts them). Get them with "
+    "`pip install alfworld && alfworld-download` (needs internet), or set ALFWORLD_DATA to a folder laid "
+    "out as json_2.1.1/{{train,valid_seen,valid_unseen}}/<task-dir>/<trial>/game.tw-pddl."
+)
+
+
+def find_data(explicit: str | os.PathLike | None = None) -> Path:
+    """The ALFWorld data folder: ``explicit``, else $ALFWORLD_DATA, else ~/.cache/alfworld."""
+    candidates = [explicit] if explicit else []
+    candidates += [os.environ.get("ALFWORLD_DATA"), Path.home() / ".cache" / "alfworld"]
+    tried = [Path(c).expanduser() for c in candidates if c]
+    for folder in tried:
+        if (folder / "json_2.1.1").is_dir():
+            return folder
+        if explicit:  # an explicit folder that is wrong is an error, not a reason to look elsewhere
+            break
+    raise EnvSetupError(DATA_HELP.format(why="no json_2.1.1/ in " + ", ".join(map(str, tried))))
+
+
+@lru_cache(maxsize=None)
+def split_task_ids(data: Path, split: str) -> tuple[str, ...]:
+    """Solvable games of a split, as ETO and ALFWorld select them (no movable or sliced objects)."""
+    if split not in SPLITS:
+        raise ValueError(f"alfworld: unknown split {split!r}; choose one of {sorted(SPLITS)}")
+    root = data / "json_2.1.1" / SPLITS[split]
+    if not root.is_dir():
+        raise EnvSetupError(DATA_HELP.format(why=f"{root} is missing"))
+    ids = []
+    for game in sorted(root.glob("*/*/game.tw-pddl")):
+        task_id = f"{game.parent.parent.name}/{game.parent.name}"
+        if "movable" in task_id or "Sliced" in task_id or not (game.parent / "traj_data.json").exists():
+            continue
+        if json.loads(game.read_text()).get("solvable", False):
+            ids.append(task_id)
+    return tuple(ids)
+
+
+def clean_observation(text: str) -> str:
+    return _ARRIVE.sub("", text.strip())
+
+
+class AlfWorldEnv(TextEnv):
+    """ALFWorld games through TextWorld, in-process. One env plays one game at a time."""
+
+    name = "alfworld"
+
+    def __init__(self, data: str | os.PathLike | None = None, expert: str = "planner", max_restarts: int = 3):
+        super().__init__(max_restarts=max_restarts)
+        if expert not in EXPERTS:
+            raise ValueError(f"alfworld: unknown expert {expert!r}; choose one of {', '.join(EXPERTS)}")
+        self.expert = expert
+        self.data = find_data(data)
+        self._game = None
+        self._start()
+
+    def task_ids(self, split: str) -> list[str]:
+        return list(split_task_ids(self.data, split))
+
+    def max_steps(self, task_id: str) -> int:
+        return MAX_STEPS
+
+    def record_extra(self, task_id: str) -> dict:
+        """ETO's ALFWorld records carry their game file; here relative to the data folder."""
+        return {"game_file": str(self.game_file(task_id).relative_to(self.data))}
+
+    def game_file(self, task_id: str) -> Path:
+        """The game file of a task id, searched in every split."""
+        for split in ("train", "valid_seen", "valid_unseen"):
+            path = self.data / "json_2.1.1" / split / task_id / "game.tw-pddl"
+            if path.exists():
+                return path
+        raise ValueError(f"alfworld: unknown task id {task_id!r}: no {task_id}/game.tw-pddl under "
+                         f"{self.data / 'json_2.1.1'}/{{train,valid_seen,valid_unseen}}")
+
+    def expert_actions(self, task_id: str) -> list[str]:
+        """A winning plan from ALFWorld's expert (``AlfredExpert``), of the type given at construction.
+
+        "planner" (default): the PDDL planner's plan, deterministic and shortest; it knows where every
+        object is, so it never searches. "handcoded": ALFWorld's scripted expert, which searches
+        receptacles as an agent would but is slow and often lost; each of 5 attempts seeds its random
+        choices from the task id. Raises ValueError with the reason when no winning plan is found.
+        """
+        if self.expert == "planner":
+            return self._expert_attempt(task_id, seed=None)
+        reasons = []
+        for attempt in range(5):
+            try:
+                actions = self._expert_attempt(task_id, seed=f"{task_id}#{attempt}")
+            except ValueError as exc:
+                reasons.append(str(exc))
+                continue
+            if len(actions) <= MAX_STEPS:
+                return actions
+            reasons.append(f"plan of {len(actions)} steps is over the {MAX_STEPS}-step limit")
+        raise ValueError("no hand-coded expert plan in 5 attempts: " + "; ".join(sorted(set(reasons))))
+
+    def _expert_attempt(self, task_id: str, seed: str | None) -> list[str]:
+        import textworld
+
+        from alfworld.agents.environment.alfred_tw_env import AlfredExpert
+
+        saved = random.getstate()
+        random.seed(seed)  # the hand-coded expert draws from the global generator
+        env = self._open(self.game_file(task_id), textworld, expert=AlfredExpert(expert_type=self.expert))
+        try:
+            state, actions = env.reset(), []
+            if self.expert == "planner":
+                # The whole plan at once; the replay through this env checks that it wins. Stepping the
+                # expert env instead would replan after every action, at up to seconds each.
+                actions = list(state["extra.expert_plan"] or [])
+                if not actions:
+                    raise ValueError("the planner found no plan")
+            while self.expert == "handcoded" and not state["won"] and len(actions) < EXPERT_TIMEOUT_STEPS:
+                actions.append(state["extra.expert_plan"][0])
+                state, _, _ = env.step(actions[-1])
+        except ValueError:
+            raise
+        except Exception as exc:  # the hand-coded expert raises a bare Exception("Timeout") when lost
+            raise ValueError(f"expert gave up ({exc or type(exc).__name__})") from exc
+        finally:
+            env.close()
+            random.setstate(saved)
+        if self.expert == "handcoded" and not state["won"]:
+            raise ValueError(f"expert did not win within {EXPERT_TIMEOUT_STEPS} steps")
+        while actions and actions[0] == "look":
+            actions.pop(0)
+        return actions
+
+    def close(self) -> None:
+        if self._game is not None:
+            self._game.close()
+            self._game = None
+
+    # Engine hooks --------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        try:
+            import textworld  # noqa: F401
+            from alfworld.agents.environment import alfred_tw_env  # noqa: F401
+        except ImportError as exc:
+            raise EnvSetupError(
+                "alfworld: the `alfworld` package is not installed; `pip install 'fasteto[envs]'`"
+            ) from exc
+
+    def _load(self, task_id: str) -> str:
+        import textworld
+
+        self.close()
+        self._game = self._open(self.game_file(task_id), textworld)
+        opening = self._game.reset().feedback
+        # The opening is "-= Welcome to TextWorld, ALFRED! =-\n\n<room>\n\n<task>": drop the banner.
+        return "\n".join(opening.split("\n\n")[1:]).strip()
+
+    def _act(self, action: str) -> tuple[str, float, bool, bool]:
+        state, _, _ = self._game.step(action)
+        won = bool(state["won"])
+        return clean_observation(state.feedback), float(won), won, bool(state["lost"])
+
+    @staticmethod
+    def _open(game_file: Path, textworld, expert=None):
+        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+
+        wrappers = [AlfredDemangler(shuffle=False), AlfredInfos]
+        infos = textworld.EnvInfos(won=True, lost=True, extras=["gamefile"])
+        if expert is not None:  # the expert reads these and writes its plan into extra.expert_plan
+            wrappers.append(expert)
+            infos = textworld.EnvInfos(won=True, lost=True, admissible_commands=True,
+                                       extras=["gamefile", "expert_plan"])
+        return textworld.start(str(game_file), request_infos=infos, wrappers=wrappers)

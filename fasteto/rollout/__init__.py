@@ -1,0 +1,1 @@
+"""Playing tasks: the environments' own experts now; policy engines and the explorer build on it."""

@@ -1,0 +1,187 @@
+"""Expert trajectories made offline from the environments' own solvers.
+
+ETO's expert set was written by GPT-4. Here each task's plan comes from its engine (ScienceWorld's gold
+path, ALFWorld's PDDL planner) and is replayed through the same ``TextEnv`` interface the agent uses, with
+a templated thought per action (``thoughts.py``), so a stored expert trajectory carries the real
+observations in exactly the agent's format. Only replays that reach reward 1.0 are kept.
+
+Each finished task is cached as one small JSON file, keyed by environment, split, task and a digest of
+everything that shapes the trajectory (prompt, thought templates, format). A rerun, or the training
+loop's first use, reads the cache and solves only what is missing; a kill loses nothing finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from multiprocessing import get_context
+from pathlib import Path
+
+from fasteto.data.formats import trajectory_from_record
+from fasteto.data.types import Trajectory
+from fasteto.envs import EnvCrashedError, TextEnv, make_env
+from fasteto.rollout.thoughts import expert_reply
+from fasteto.utils.io import atomic_write_json
+
+FORMAT_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    """``$FASTETO_CACHE``, else ``$XDG_CACHE_HOME/fasteto``, else ``~/.cache/fasteto``."""
+    if os.environ.get("FASTETO_CACHE"):
+        return Path(os.environ["FASTETO_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fasteto"
+
+
+def cache_version(env_name: str) -> str:
+    """A digest of the inputs that shape a stored expert trajectory; a change makes a new cache."""
+    pkg = resources.files("fasteto")
+    parts = [FORMAT_VERSION, pkg.joinpath(f"envs/prompts/{env_name}.json").read_text(),
+             pkg.joinpath("rollout/thoughts.py").read_text()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
+def solve(env: TextEnv, task_id: str) -> tuple[Trajectory | None, str | None]:
+    """Replay the engine's plan for ``task_id`` through ``env``.
+
+    Returns (trajectory, None) when the replay reaches reward 1.0, else (None, reason).
+    """
+    try:
+        actions = env.expert_actions(task_id)
+    except ValueError as exc:
+        return None, f"no plan: {exc}"
+    env.reset(task_id)
+    step = None
+    for action in actions:
+        step = env.step(expert_reply(env.name, action))
+        if step.done:
+            break
+    if step is None:
+        return None, "no plan: the solver returned no actions"
+    if step.reward < 1.0:
+        limit = env.max_steps(task_id)
+        if step.steps >= limit and len(actions) > limit:
+            return None, f"plan longer than the step limit ({len(actions)} > {limit})"
+        return None, f"replay ended with reward {step.reward:.2f}"
+    return env.trajectory(extra=env.record_extra(task_id)), None
+
+
+@dataclass
+class ExpertReport:
+    """What a run of ``make_experts`` produced, in split order."""
+
+    trajectories: list[Trajectory]
+    dropped: dict[str, str] = field(default_factory=dict)  # task id -> reason
+    from_cache: int = 0
+    seconds: float = 0.0
+    restarts: int = 0
+
+    def drop_reasons(self) -> Counter:
+        """Reasons with their counts; the variable part after ':' is cut so that like counts with like."""
+        return Counter(reason.split(":")[0].split(" (")[0] for reason in self.dropped.values())
+
+    def summary(self) -> str:
+        total = len(self.trajectories) + len(self.dropped)
+        lines = [f"{len(self.trajectories)} of {total} tasks kept ({self.from_cache} from cache), "
+                 f"{len(self.dropped)} dropped, {self.seconds:.0f} s, {self.restarts} engine restarts"]
+        lines += [f"  dropped: {count} x {reason}" for reason, count in self.drop_reasons().most_common()]
+        return "\n".join(lines)
+
+
+def make_experts(env_name: str, split: str, limit: int | None = None, workers: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, env_kwargs: dict | None = None,
+                 progress: bool = True) -> ExpertReport:
+    """Expert trajectories for the tasks of a split, solved in parallel and cached per task."""
+    start = time.time()
+    env_kwargs = dict(env_kwargs or {})
+    task_ids = _task_ids(env_name, split, env_kwargs)[:limit]
+    folder = Path(cache_dir or default_cache_dir()) / "expert" / cache_version(env_name) / env_name / split
+    records = {tid: rec for tid in task_ids if (rec := _read_cached(folder, tid)) is not None}
+    from_cache = len(records)
+    todo = [tid for tid in task_ids if tid not in records]
+    restarts = 0
+    if todo:
+        restarts = _solve_all(env_name, env_kwargs, todo, folder, records, workers, progress)
+    report = ExpertReport(trajectories=[], from_cache=from_cache, restarts=restarts)
+    for tid in task_ids:
+        record = records.get(tid)
+        if record is None:
+            report.dropped[tid] = "engine crashed repeatedly (not cached; a rerun retries it)"
+        elif record["trajectory"] is None:
+            report.dropped[tid] = record["dropped"]
+        else:
+            report.trajectories.append(trajectory_from_record(record["trajectory"], "sft", str(folder)))
+    report.seconds = time.time() - start
+    return report
+
+
+def _task_ids(env_name: str, split: str, env_kwargs: dict) -> list[str]:
+    if env_name == "sciworld":  # known without starting a JVM
+        from fasteto.envs.sciworld import split_task_ids
+
+        return split_task_ids(split)
+    env = make_env(env_name, **env_kwargs)
+    try:
+        return env.task_ids(split)
+    finally:
+        env.close()
+
+
+def _cache_file(folder: Path, task_id: str) -> Path:
+    return folder / (task_id.replace("/", "__") + ".json")
+
+
+def _read_cached(folder: Path, task_id: str) -> dict | None:
+    path = _cache_file(folder, task_id)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _solve_all(env_name, env_kwargs, todo, folder, records, workers, progress) -> int:
+    from tqdm import tqdm
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    # spawn: each worker owns its engine (a JVM for ScienceWorld), which must not be forked.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(env_name, env_kwargs)) as pool:
+        results = pool.map(_solve_task, [(tid, str(folder)) for tid in todo], chunksize=1)
+        bar = tqdm(results, total=len(todo), desc=f"expert {env_name}", unit="task", disable=not progress)
+        restarts = 0
+        for tid, record, worker_restarts in bar:
+            restarts += worker_restarts
+            if record is not None:
+                records[tid] = record
+    return restarts
+
+
+_WORKER_ENV: TextEnv | None = None  # one engine per worker process, started by _init_worker
+
+
+def _init_worker(env_name: str, env_kwargs: dict) -> None:
+    global _WORKER_ENV
+    _WORKER_ENV = make_env(env_name, **env_kwargs)
+
+
+def _solve_task(args: tuple[str, str]) -> tuple[str, dict | None, int]:
+    """Solve one task in a worker and cache the result; returns (task id, record or None, restarts)."""
+    task_id, folder = args
+    env = _WORKER_ENV
+    before = env.restarts
+    started = time.time()
+    try:
+        trajectory, reason = solve(env, task_id)
+    except EnvCrashedError:
+        return task_id, None, env.restarts - before
+    record = {"task_id": task_id, "seconds": round(time.time() - started, 3),
+              "trajectory": trajectory.to_record(with_reward=True) if trajectory else None,
+              "dropped": reason}
+    atomic_write_json(_cache_file(Path(folder), task_id), record, indent=None)
+    return task_id, record, env.restarts - before

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set everything up (idempotently) in ./.venv, then run the main job or the test suite.
+#   bash scripts/run.sh [main] [fasteto check options]   environments check (the main job for now)
+#   bash scripts/run.sh test [pytest options]            the test suite
+# Needs Python >= 3.10 and, for ScienceWorld, Java 17. FASTETO_VENV picks another venv folder;
+# FASTETO_TORCH another torch requirement (default: torch==2.13.0, the CPU build on our machines).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+job=main
+if [ $# -gt 0 ] && { [ "$1" = main ] || [ "$1" = test ]; }; then job=$1; shift; fi
+
+venv=${FASTETO_VENV:-.venv}
+python=${PYTHON:-python3}
+torch_req=${FASTETO_TORCH:-torch==2.13.0}
+stamp="$venv/.fasteto-setup"
+want="$(cat pyproject.toml scripts/run.sh | sha256sum | cut -c1-16) $torch_req"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "fasteto: creating $venv" >&2
+  "$python" -m venv "$venv"
+fi
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  echo "fasteto: installing into $venv (once; later runs skip this)" >&2
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$torch_req"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[envs,test]"
+  echo "$want" > "$stamp"
+fi
+if ! command -v java >/dev/null 2>&1; then
+  echo "fasteto: warning: no 'java' on PATH; ScienceWorld needs Java 17" \
+       "(apt-get install openjdk-17-jre-headless, or brew install openjdk@17)" >&2
+fi
+
+case "$job" in
+  main) exec "$venv/bin/fasteto" check "$@" ;;
+  test) exec "$venv/bin/python" -m pytest "$@" ;;
+esac
