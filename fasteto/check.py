@@ -44,7 +44,8 @@ def _check_env(name: str, tasks: int, alfworld_data: str | None) -> bool:
             ok = ok and not (reason or "").startswith("replay ended")
         env.reset(env.task_ids("train")[0])
         step = env.step("I am not sure what to do.")
-        print(f"  an unparsable reply costs a step: steps={step.steps}, observation={step.observation[:60]!r}…")
+        print(f"  an unparsable reply costs a step: steps={step.steps}, "
+              f"observation={step.observation[:60]!r}…")
     finally:
         env.close()
     return ok

@@ -12,7 +12,7 @@ import json
 import os
 import random
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from fasteto.envs.base import EnvSetupError, TextEnv
@@ -45,7 +45,7 @@ def find_data(explicit: str | os.PathLike | None = None) -> Path:
     raise EnvSetupError(DATA_HELP.format(why="no json_2.1.1/ in " + ", ".join(map(str, tried))))
 
 
-@lru_cache(maxsize=None)
+@cache
 def split_task_ids(data: Path, split: str) -> tuple[str, ...]:
     """Solvable games of a split, as ETO and ALFWorld select them (no movable or sliced objects)."""
     if split not in SPLITS:
@@ -124,7 +124,6 @@ class AlfWorldEnv(TextEnv):
 
     def _expert_attempt(self, task_id: str, seed: str | None) -> list[str]:
         import textworld
-
         from alfworld.agents.environment.alfred_tw_env import AlfredExpert
 
         saved = random.getstate()

@@ -145,7 +145,9 @@ class TextEnv:
 
     def trajectory(self, extra: dict | None = None) -> Trajectory:
         """The episode so far in ETO's stored layout; the trailing observation is dropped."""
-        messages = self._messages[:-1] if self._messages[-1]["from"] == HUMAN and self._steps else self._messages
+        messages = self._messages
+        if self._steps and messages[-1]["from"] == HUMAN:
+            messages = messages[:-1]
         return Trajectory(id=self._task_id, conversations=list(messages), reward=self._reward,
                           extra=dict(extra or {}))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from fasteto.envs.base import EngineCrashed, EnvSetupError, TextEnv
@@ -33,14 +33,14 @@ def _split_file(name: str) -> str:
     return resources.files("fasteto.envs").joinpath(f"splits/sciworld/{name}").read_text()
 
 
-@lru_cache(maxsize=None)
+@cache
 def task_table() -> dict[int, str]:
     """ETO task number -> ETO task name (``task-1-boil``), all 30 task types."""
     names = {**json.loads(_split_file("taskname2id.json")), **_MISSING_FROM_ETO}
     return {number: name for name, number in names.items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _max_steps_table() -> dict[str, int]:
     return json.loads(_split_file("max_steps.json"))
 
@@ -76,7 +76,8 @@ def shorten_gold_path(actions: list[str]) -> list[str]:
     afford. With every door open and teleport allowed, "open door to X" does nothing and a run of moves
     ("go to hallway", "go to greenhouse") is one "teleport to greenhouse". ::
 
-        ["open door to hallway", "go to hallway", "open door to greenhouse", "go to greenhouse", "look around"]
+        ["open door to hallway", "go to hallway", "open door to greenhouse", "go to greenhouse",
+         "look around"]
         -> ["teleport to greenhouse", "look around"]
     """
     out: list[str] = []

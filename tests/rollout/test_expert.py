@@ -1,0 +1,58 @@
+"""Expert trajectories from the engines' own solvers: parallel, cached per task, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fasteto.cli import main
+from fasteto.data.formats import read_trajectories
+from fasteto.rollout.expert import ExpertReport, cache_version, make_experts
+
+pytestmark = pytest.mark.slow
+
+
+def test_sciworld_experts_two_workers_then_cache_then_resume(sciworld_env, tmp_path):
+    # The first three train tasks: two replay to reward 1, task-4-grow-fruit's plan is over its limit.
+    first = make_experts("sciworld", "train", limit=3, workers=2, cache_dir=tmp_path, progress=False)
+    assert [t.id for t in first.trajectories] == ["9_412", "11_0"]
+    assert first.dropped == {"15_53": "plan longer than the step limit (73 > 60)"}
+    assert first.from_cache == 0 and all(t.reward == 1.0 for t in first.trajectories)
+
+    again = make_experts("sciworld", "train", limit=3, cache_dir=tmp_path, progress=False)
+    assert again.from_cache == 3
+    assert again.trajectories == first.trajectories and again.dropped == first.dropped
+
+    folder = tmp_path / "expert" / cache_version("sciworld") / "sciworld" / "train"
+    (folder / "11_0.json").unlink()  # as if killed before this task finished
+    resumed = make_experts("sciworld", "train", limit=3, workers=1, cache_dir=tmp_path, progress=False)
+    assert resumed.from_cache == 2 and resumed.trajectories == first.trajectories
+    assert json.loads((folder / "11_0.json").read_text())["dropped"] is None
+
+
+def test_expert_cli_writes_an_sft_file(sciworld_env, tmp_path, capsys):
+    out = tmp_path / "experts.json"
+    code = main(["expert", "--env", "sciworld", "--split", "seen", "--limit", "2", "--workers", "1",
+                 "--cache-dir", str(tmp_path / "cache"), "-o", str(out)])
+    assert code == 0
+    items = read_trajectories(out, "sft")
+    printed = capsys.readouterr().out
+    assert f"wrote {len(items)} expert trajectories" in printed and "of 2 tasks kept" in printed
+    assert all(t.reward == 1.0 and t.conversations[-1]["from"] == "gpt" for t in items)
+
+
+def test_alfworld_experts_carry_their_game_file(alfworld_data, tmp_path):
+    report = make_experts("alfworld", "train", limit=1, workers=1, cache_dir=tmp_path,
+                          env_kwargs={"data": str(alfworld_data)}, progress=False)
+    [item] = report.trajectories
+    assert item.extra["game_file"] == f"json_2.1.1/train/{item.id}/game.tw-pddl"
+    assert item.reward == 1.0 and not report.dropped
+
+
+def test_report_groups_drop_reasons():
+    report = ExpertReport(trajectories=[], dropped={
+        "a": "plan longer than the step limit (73 > 60)", "b": "plan longer than the step limit (90 > 60)",
+        "c": "no plan: expert gave up (Timeout)"})
+    assert report.drop_reasons() == {"plan longer than the step limit": 2, "no plan": 1}
+    assert "dropped: 2 x plan longer than the step limit" in report.summary()
