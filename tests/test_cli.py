@@ -48,6 +48,17 @@ def test_pairs_command_no_cut_for_alfworld_files(tmp_path, capsys):
     assert len(pair["rejected"]) == 2 * 30 - 1
 
 
+def test_rft_command_keeps_experts_and_successes(tmp_path, capsys):
+    expert = tmp_path / "expert.json"
+    explored = tmp_path / "explored.json"
+    expert.write_text(json.dumps([_traj("a", "absent", 1)]))
+    explored.write_text(json.dumps([_traj("a", 1.0, 2), _traj("a", 0.5, 2), _traj("b", None, 1)]))
+    assert main(["rft", str(expert), str(explored), "-o", str(tmp_path / "rft.json")]) == 0
+    assert "1 expert + 1 explored with reward >= 1.0" in capsys.readouterr().out
+    items = json.loads((tmp_path / "rft.json").read_text())
+    assert [(i["id"], len(i["conversations"])) for i in items] == [("a", 4), ("a", 6)]
+
+
 def test_malformed_file_gets_an_error_naming_it(tmp_path, capsys):
     bad = tmp_path / "explored.json"
     bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "gpt", "value": "hi"}], "reward": 1}]))
