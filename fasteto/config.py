@@ -1,0 +1,168 @@
+"""Configuration as nested dataclasses, with YAML files and command-line flags derived from them.
+
+Every field is written once, with its help text in ``field(metadata={"help": ...})``; the flags
+(``--sft.lr 2e-5``), the YAML keys (``sft: {lr: 2e-5}``) and ``--help`` all come from the dataclass.
+Unknown keys and values of the wrong type are refused with the key's dotted name and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names it and what is allowed."""
+
+
+def help_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` (from YAML or a command line string) as type ``tp``; ConfigError naming ``key`` if not."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: a value is required (got none)")
+    origin = typing.get_origin(inner)
+    if origin is typing.Literal:
+        allowed = typing.get_args(inner)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(inner) or (str,)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [coerce(v.strip() if isinstance(v, str) else v, item_tp, key) for v in items if v != ""]
+    return _coerce_scalar(value, inner, key)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = tp(value) if isinstance(value, str) else value
+            if tp is int and (not isinstance(number, int) and not float(number).is_integer()):
+                raise ValueError
+            return tp(number)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
+    if tp is str:
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build ``cls`` from a (possibly partial) nested dict; defaults fill what is missing."""
+    return update(cls(), data, prefix)
+
+
+def update(config: T, data: dict[str, Any], prefix: str = "") -> T:
+    """A copy of ``config`` with the nested dict ``data`` applied over it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = _hints(type(config))
+    names = [f.name for f in dataclasses.fields(config)]
+    changes = {}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"unknown option {dotted!r}; known here: {', '.join(prefix + n for n in names)}")
+        if _is_config(hints[key]):
+            changes[key] = update(getattr(config, key), value, dotted + ".")
+        else:
+            changes[key] = coerce(value, hints[key], dotted)
+    return dataclasses.replace(config, **changes)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def flat_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """Every leaf field as (dotted name, field, type), depth first, in declaration order."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if _is_config(hints[f.name]):
+            out += flat_fields(hints[f.name], prefix + f.name + ".")
+        else:
+            out.append((prefix + f.name, f, hints[f.name]))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--a.b`` flag per leaf field of ``cls``; values stay strings until ``overrides`` coerces them."""
+    defaults = to_dict(cls())
+    for dotted, f, tp in flat_fields(cls):
+        default = defaults
+        for part in dotted.split("."):
+            default = default[part]
+        choices = typing.get_args(_unwrap_optional(tp)[0])
+        allowed = f" (one of {', '.join(map(str, choices))})" if typing.get_origin(
+            _unwrap_optional(tp)[0]) is typing.Literal else ""
+        parser.add_argument(f"--{dotted}", dest=dotted, default=argparse.SUPPRESS, metavar="V",
+                            help=f"{help_of(f)}{allowed} [default: {default}]")
+
+
+def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The flags of ``cls`` given on the command line, as a nested dict for ``update``."""
+    nested: dict[str, Any] = {}
+    given = vars(args)
+    for dotted in (name for name, _, _ in flat_fields(cls) if name in given):
+        value = given[dotted]
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of options at the top level")
+    return data
