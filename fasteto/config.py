@@ -81,7 +81,8 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
                 raise ValueError
             return tp(number)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
+            kind = "an integer" if tp is int else "a number"
+            raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
     if tp is str:
         return str(value)
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
@@ -102,7 +103,8 @@ def update(config: T, data: dict[str, Any], prefix: str = "") -> T:
     for key, value in data.items():
         dotted = prefix + str(key)
         if key not in names:
-            raise ConfigError(f"unknown option {dotted!r}; known here: {', '.join(prefix + n for n in names)}")
+            known = ", ".join(prefix + n for n in names)
+            raise ConfigError(f"unknown option {dotted!r}; known here: {known}")
         if _is_config(hints[key]):
             changes[key] = update(getattr(config, key), value, dotted + ".")
         else:

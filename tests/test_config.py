@@ -51,7 +51,8 @@ def test_flags_are_derived_and_parsed():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     add_arguments(parser, Outer)
-    args = parser.parse_args(["--sft.lr", "3e-4", "--bf16", "true", "--sft.betas", "0.1,0.2", "--config", "x"])
+    argv = ["--sft.lr", "3e-4", "--bf16", "true", "--sft.betas", "0.1,0.2", "--config", "x"]
+    args = parser.parse_args(argv)
     assert overrides(args, Outer) == {"sft": {"lr": "3e-4", "betas": "0.1,0.2"}, "bf16": "true"}
     cfg = update(Outer(), overrides(args, Outer))
     assert (cfg.sft.lr, cfg.bf16, cfg.sft.betas) == (3e-4, True, [0.1, 0.2])
