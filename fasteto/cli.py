@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     expert.add_argument("--workers", type=int, help="worker processes (default: one per core)")
     expert.add_argument("--cache-dir", help="per-task cache (default: $FASTETO_CACHE or ~/.cache/fasteto)")
     expert.add_argument("--alfworld-data", help="ALFWorld data folder (default: $ALFWORLD_DATA)")
-    expert.add_argument("--alfworld-expert", default="planner", choices=["planner", "handcoded"],
-                        help="ALFWorld's expert: the PDDL planner (default) or the hand-coded searcher")
+    expert.add_argument("--alfworld-expert", default="auto", choices=["auto", "planner", "handcoded"],
+                        help="ALFWorld's expert: the PDDL planner, the hand-coded searcher, or auto "
+                             "(default): the planner, and the hand-coded expert where the planner takes "
+                             "over a minute")
     expert.add_argument("-o", "--output", required=True, help="the SFT file to write (JSON)")
     expert.set_defaults(func=_expert)
 

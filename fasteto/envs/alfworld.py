@@ -9,16 +9,18 @@ is cut from observations, reward 1 when won, 40 steps.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import re
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 from fasteto.envs.base import EnvSetupError, TextEnv
 
 MAX_STEPS = 40
-EXPERTS = ("planner", "handcoded")
+EXPERTS = ("auto", "planner", "handcoded")
+EXPERT_TIMEOUT = 60.0  # seconds for one expert attempt
 EXPERT_TIMEOUT_STEPS = 150  # ALFWorld's own budget for its hand-coded expert
 SPLITS = {"train": "train", "valid_seen": "valid_seen", "seen": "valid_seen", "dev": "valid_seen",
           "valid_unseen": "valid_unseen", "unseen": "valid_unseen", "test": "valid_unseen"}
@@ -63,6 +65,34 @@ def split_task_ids(data: Path, split: str) -> tuple[str, ...]:
     return tuple(ids)
 
 
+def _with_timeout(fn, seconds: float):
+    """``fn()`` in a forked child, killed after ``seconds``: Fast Downward runs in C and cannot be
+    interrupted from Python. ValueError from ``fn`` (or the timeout) is raised here with its message."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            send.send(("ok", fn()))
+        except Exception as exc:  # a child's error of any kind becomes the reason for the parent
+            send.send(("error", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"))
+
+    process = ctx.Process(target=child, daemon=True)
+    process.start()
+    try:
+        if not receive.poll(seconds):
+            raise ValueError(f"no plan within {seconds:.0f} s")
+        kind, value = receive.recv()
+    except EOFError:
+        raise ValueError(f"the expert process died (exit code {process.exitcode})") from None
+    finally:
+        process.kill()
+        process.join()
+    if kind == "error":
+        raise ValueError(value)
+    return value
+
+
 def clean_observation(text: str) -> str:
     return _ARRIVE.sub("", text.strip())
 
@@ -72,8 +102,10 @@ class AlfWorldEnv(TextEnv):
 
     name = "alfworld"
 
-    def __init__(self, data: str | os.PathLike | None = None, expert: str = "planner", max_restarts: int = 3):
+    def __init__(self, data: str | os.PathLike | None = None, expert: str = "auto",
+                 expert_timeout: float = EXPERT_TIMEOUT, max_restarts: int = 3):
         super().__init__(max_restarts=max_restarts)
+        self.expert_timeout = expert_timeout
         if expert not in EXPERTS:
             raise ValueError(f"alfworld: unknown expert {expert!r}; choose one of {', '.join(EXPERTS)}")
         self.expert = expert
@@ -103,41 +135,49 @@ class AlfWorldEnv(TextEnv):
     def expert_actions(self, task_id: str) -> list[str]:
         """A winning plan from ALFWorld's expert (``AlfredExpert``), of the type given at construction.
 
-        "planner" (default): the PDDL planner's plan, deterministic and shortest; it knows where every
-        object is, so it never searches. "handcoded": ALFWorld's scripted expert, which searches
-        receptacles as an agent would but is slow and often lost; each of 5 attempts seeds its random
-        choices from the task id. Raises ValueError with the reason when no winning plan is found.
+        "planner": the PDDL planner's plan, deterministic and shortest; it knows where every object is,
+        so it never searches. Fast Downward takes under 10 s on most games but minutes on some.
+        "handcoded": ALFWorld's scripted expert, which searches receptacles as an agent would but often
+        gets lost; each of 5 attempts seeds its random choices from the task id.
+        "auto" (default): the planner, and the hand-coded expert for games where the planner runs out of
+        its ``expert_timeout`` seconds. Raises ValueError with the reasons when no winning plan is found.
         """
-        if self.expert == "planner":
-            return self._expert_attempt(task_id, seed=None)
-        reasons = []
-        for attempt in range(5):
+        reasons: list[str] = []
+        if self.expert in ("planner", "auto"):
             try:
-                actions = self._expert_attempt(task_id, seed=f"{task_id}#{attempt}")
+                plan = partial(self._expert_attempt, task_id, "planner", None)
+                return _with_timeout(plan, self.expert_timeout)
             except ValueError as exc:
-                reasons.append(str(exc))
-                continue
-            if len(actions) <= MAX_STEPS:
-                return actions
-            reasons.append(f"plan of {len(actions)} steps is over the {MAX_STEPS}-step limit")
-        raise ValueError("no hand-coded expert plan in 5 attempts: " + "; ".join(sorted(set(reasons))))
+                reasons.append(f"planner: {exc}")
+        if self.expert in ("handcoded", "auto"):
+            for attempt in range(5):
+                try:
+                    search = partial(self._expert_attempt, task_id, "handcoded", f"{task_id}#{attempt}")
+                    actions = _with_timeout(search, self.expert_timeout)
+                except ValueError as exc:
+                    reasons.append(f"hand-coded: {exc}")
+                    continue
+                if len(actions) <= MAX_STEPS:
+                    return actions
+                reasons.append(f"hand-coded: plan of {len(actions)} steps is over the {MAX_STEPS}-step limit")
+        raise ValueError("; ".join(dict.fromkeys(reasons)))
 
-    def _expert_attempt(self, task_id: str, seed: str | None) -> list[str]:
+    def _expert_attempt(self, task_id: str, kind: str, seed: str | None) -> list[str]:
         import textworld
         from alfworld.agents.environment.alfred_tw_env import AlfredExpert
 
         saved = random.getstate()
         random.seed(seed)  # the hand-coded expert draws from the global generator
-        env = self._open(self.game_file(task_id), textworld, expert=AlfredExpert(expert_type=self.expert))
+        env = self._open(self.game_file(task_id), textworld, expert=AlfredExpert(expert_type=kind))
         try:
             state, actions = env.reset(), []
-            if self.expert == "planner":
+            if kind == "planner":
                 # The whole plan at once; the replay through this env checks that it wins. Stepping the
                 # expert env instead would replan after every action, at up to seconds each.
                 actions = list(state["extra.expert_plan"] or [])
                 if not actions:
                     raise ValueError("the planner found no plan")
-            while self.expert == "handcoded" and not state["won"] and len(actions) < EXPERT_TIMEOUT_STEPS:
+            while kind == "handcoded" and not state["won"] and len(actions) < EXPERT_TIMEOUT_STEPS:
                 actions.append(state["extra.expert_plan"][0])
                 state, _, _ = env.step(actions[-1])
         except ValueError:
@@ -147,7 +187,7 @@ class AlfWorldEnv(TextEnv):
         finally:
             env.close()
             random.setstate(saved)
-        if self.expert == "handcoded" and not state["won"]:
+        if kind == "handcoded" and not state["won"]:
             raise ValueError(f"expert did not win within {EXPERT_TIMEOUT_STEPS} steps")
         while actions and actions[0] == "look":
             actions.pop(0)

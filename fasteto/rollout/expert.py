@@ -18,6 +18,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from importlib import resources
 from multiprocessing import get_context
@@ -30,6 +31,7 @@ from fasteto.rollout.thoughts import expert_reply
 from fasteto.utils.io import atomic_write_json
 
 FORMAT_VERSION = "1"
+POOL_ATTEMPTS = 3  # pools started per run when worker processes die
 
 
 def default_cache_dir() -> Path:
@@ -39,10 +41,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fasteto"
 
 
-def cache_version(env_name: str) -> str:
-    """A digest of the inputs that shape a stored expert trajectory; a change makes a new cache."""
+def cache_version(env_name: str, env_kwargs: dict | None = None) -> str:
+    """A digest of the inputs that shape a stored expert trajectory (format, prompt, thought templates,
+    the choice of expert); a change makes a new cache. The data folder is not part of it."""
     pkg = resources.files("fasteto")
-    parts = [FORMAT_VERSION, pkg.joinpath(f"envs/prompts/{env_name}.json").read_text(),
+    options = sorted((k, str(v)) for k, v in (env_kwargs or {}).items() if k != "data")
+    parts = [FORMAT_VERSION, str(options), pkg.joinpath(f"envs/prompts/{env_name}.json").read_text(),
              pkg.joinpath("rollout/thoughts.py").read_text()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
@@ -101,13 +105,21 @@ def make_experts(env_name: str, split: str, limit: int | None = None, workers: i
     start = time.time()
     env_kwargs = dict(env_kwargs or {})
     task_ids = _task_ids(env_name, split, env_kwargs)[:limit]
-    folder = Path(cache_dir or default_cache_dir()) / "expert" / cache_version(env_name) / env_name / split
+    version = cache_version(env_name, env_kwargs)
+    folder = Path(cache_dir or default_cache_dir()) / "expert" / version / env_name / split
     records = {tid: rec for tid in task_ids if (rec := _read_cached(folder, tid)) is not None}
     from_cache = len(records)
-    todo = [tid for tid in task_ids if tid not in records]
     restarts = 0
-    if todo:
-        restarts = _solve_all(env_name, env_kwargs, todo, folder, records, workers, progress)
+    for pool_attempt in range(POOL_ATTEMPTS):
+        todo = [tid for tid in task_ids if tid not in records]
+        if not todo:
+            break
+        try:
+            restarts += _solve_all(env_name, env_kwargs, todo, folder, records, workers, progress)
+        except BrokenProcessPool:  # a worker was killed (out of memory, say): finished tasks are kept
+            if pool_attempt == POOL_ATTEMPTS - 1:
+                raise
+            print(f"expert {env_name}: a worker process died; starting new workers for the rest")
     report = ExpertReport(trajectories=[], from_cache=from_cache, restarts=restarts)
     for tid in task_ids:
         record = records.get(tid)

@@ -61,3 +61,24 @@ def test_missing_data_folder_says_how_to_get_it(tmp_path, monkeypatch):
 def test_unknown_game_is_named(alfworld_env):
     with pytest.raises(ValueError, match="unknown task id 'nope/trial'"):
         alfworld_env.reset("nope/trial")
+
+
+def test_expert_time_budget_is_enforced_and_reported(alfworld_data):
+    from fasteto.envs.alfworld import AlfWorldEnv
+
+    with AlfWorldEnv(alfworld_data, expert="auto", expert_timeout=0.01) as env:
+        with pytest.raises(ValueError) as exc:
+            env.expert_actions(GAMES[0])
+    assert str(exc.value) == "planner: no plan within 0 s; hand-coded: no plan within 0 s"
+
+
+def test_handcoded_expert_is_reproducible(alfworld_data):
+    from fasteto.envs.alfworld import AlfWorldEnv
+
+    with AlfWorldEnv(alfworld_data, expert="handcoded") as env:
+        first = env.expert_actions(GAMES[0])
+        assert first == env.expert_actions(GAMES[0])
+        env.reset(GAMES[0])
+        for action in first:
+            step = env.step(f"Thought: t\nAction: {action}")
+        assert step.won

@@ -1,0 +1,235 @@
+"""The explorer: the current policy plays every task once, and each finished episode is stored at once.
+
+Up to ``concurrency`` episodes are in flight, each in its own environment. Every round the engine writes
+the next reply of all live episodes in one batched call, then every environment applies its reply (in
+threads: a ScienceWorld step waits on its own JVM). A finished episode is appended to a JSON Lines store
+straight away and its slot takes the next task, so the batch stays full until the tasks run out.
+
+The engine reads what ETO's agent read: instruction exchange, the one-shot example, the task, then the
+episode so far. The store keeps ETO's layout (the example is not stored; see ``fasteto.data.types``)
+plus the reward: an explored record. A rerun reads the store and plays only the tasks not in it, so a
+kill (even ``kill -9``) loses no finished episode. An environment that keeps crashing is retried twice
+from scratch, then recorded with reward null, which the pair builder skips.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from fasteto.data.formats import append_jsonl, read_jsonl_tolerant, trajectory_from_record
+from fasteto.data.types import GPT, HUMAN, Message, Trajectory, message
+from fasteto.envs.base import ACK, EnvCrashedError, Step, TextEnv
+from fasteto.rollout.engine import GenerationConfig, PolicyEngine
+
+MAX_RETRIES = 2  # an episode whose environment crashes is played again from scratch this many times
+
+
+@dataclass
+class ExploreReport:
+    """What a call of ``explore`` left in its store, for the task ids it was given."""
+
+    trajectories: list[Trajectory]  # every stored trajectory of these task ids, in task order
+    new_episodes: int = 0  # recorded by this call (crashed ones with reward null included)
+    resumed: int = 0  # found in the store at the start, not played again
+    crashes: int = 0  # episodes lost to an EnvCrashedError (each retried or recorded as null)
+    env_steps: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.env_steps / self.seconds if self.seconds else 0.0
+        return (f"{len(self.trajectories)} trajectories ({self.new_episodes} new, {self.resumed} resumed), "
+                f"{self.crashes} env crashes, {self.env_steps} env steps in {self.seconds:.0f} s "
+                f"({rate:.1f} steps/s)")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """ETO's metrics: average reward x 100, and the fraction of tasks with reward 1.0, over ``n`` tasks."""
+
+    average_reward_x100: float
+    success_rate: float
+    n: int
+
+
+@dataclass
+class _Episode:
+    """One task in flight in one slot: what the engine reads, and the attempt number."""
+
+    task_id: str
+    attempt: int = 0
+    context: list[Message] = field(default_factory=list)  # instruction, OK, example, task
+    turns: list[Message] = field(default_factory=list)  # replies and observations so far
+
+    def conversation(self) -> list[Message]:
+        return self.context + self.turns
+
+
+def explore(make_env: Callable[[], TextEnv], engine: PolicyEngine, task_ids: list[str], store: Path,
+            gen: GenerationConfig, concurrency: int = 4, progress: bool = True) -> ExploreReport:
+    """Play each of ``task_ids`` once with ``engine`` and append each episode to ``store`` (JSONL).
+
+    Task ids already in ``store`` are skipped (resume); duplicates in ``task_ids`` are played once.
+    ``make_env`` is called at most ``concurrency`` times, lazily; the environments are closed at the end.
+    With a sampling seed, round ``r`` of the call samples with seed ``gen.seed + r``.
+    """
+    start = time.time()
+    store = Path(store)
+    order = list(dict.fromkeys(str(t) for t in task_ids))
+    done = {str(r.get("id")) for r in read_jsonl_tolerant(store)} & set(order)
+    report = ExploreReport(trajectories=[], resumed=len(done))
+    queue = deque(_Episode(t) for t in order if t not in done)
+    if queue:
+        _Explorer(make_env, engine, store, gen, min(concurrency, len(queue)), report).run(queue, progress)
+    report.trajectories = stored_trajectories(store, order)
+    report.seconds = time.time() - start
+    return report
+
+
+def stored_trajectories(store: Path, task_ids: list[str]) -> list[Trajectory]:
+    """The first stored record of each of ``task_ids`` that has one, in the order of ``task_ids``."""
+    first: dict[str, Trajectory] = {}
+    for i, record in enumerate(read_jsonl_tolerant(store)):
+        trajectory = trajectory_from_record(record, "explored", str(store), i)
+        first.setdefault(trajectory.key, trajectory)
+    return [first[t] for t in map(str, task_ids) if t in first]
+
+
+class _Explorer:
+    """The loop of ``explore``: slots of episodes, one engine call per round, envs stepped in threads."""
+
+    def __init__(self, make_env, engine, store, gen, concurrency, report):
+        self.make_env = make_env
+        self.engine = engine
+        self.store = store
+        self.gen = gen
+        self.report = report
+        self.envs: list[TextEnv | None] = [None] * concurrency
+        self.slots: list[_Episode | None] = [None] * concurrency
+
+    def run(self, queue: deque[_Episode], progress: bool) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(queue), desc="explore", unit="episode", disable=not progress)
+        start = time.time()
+        try:
+            with ThreadPoolExecutor(len(self.slots)) as pool:
+                rounds = 0
+                while queue or any(ep is not None for ep in self.slots):
+                    bar.update(self._fill(queue, pool))
+                    live = [i for i, ep in enumerate(self.slots) if ep is not None]
+                    if not live:
+                        continue
+                    replies = self.engine.generate([self.slots[i].conversation() for i in live],
+                                                   self._round_config(rounds))
+                    rounds += 1
+                    results = list(pool.map(self._step, live, replies))
+                    self.report.env_steps += len(live)
+                    bar.update(sum(self._settle(i, r, queue) for i, r in zip(live, results, strict=True)))
+                    bar.set_postfix(steps_per_s=f"{self.report.env_steps / (time.time() - start):.1f}")
+        finally:
+            bar.close()
+            for env in self.envs:
+                if env is not None:
+                    env.close()
+
+    def _round_config(self, rounds: int) -> GenerationConfig:
+        if self.gen.greedy or self.gen.seed is None:
+            return self.gen
+        return replace(self.gen, seed=self.gen.seed + rounds)
+
+    def _fill(self, queue: deque[_Episode], pool: ThreadPoolExecutor) -> int:
+        """Start queued episodes in the free slots; returns how many episodes this finished (crashes
+        recorded as null). Environments are made here, one at a time, and reset in threads."""
+        finished = 0
+        while queue and None in self.slots:
+            free = [i for i, ep in enumerate(self.slots) if ep is None][:len(queue)]
+            for i in free:
+                self.slots[i] = queue.popleft()
+                if self.envs[i] is None:
+                    self.envs[i] = self.make_env()
+            for i, outcome in zip(free, pool.map(self._reset, free), strict=True):
+                if isinstance(outcome, EnvCrashedError):
+                    finished += self._crashed(i, queue)
+        return finished
+
+    def _reset(self, slot: int) -> str | EnvCrashedError:
+        episode, env = self.slots[slot], self.envs[slot]
+        try:
+            task = env.reset(episode.task_id)
+        except EnvCrashedError as crash:
+            return crash
+        episode.context, episode.turns = env.prompt.context(task), []
+        return task
+
+    def _step(self, slot: int, reply: str) -> Step | EnvCrashedError:
+        episode = self.slots[slot]
+        try:
+            step = self.envs[slot].step(reply)
+        except EnvCrashedError as crash:
+            return crash
+        episode.turns += [message(GPT, reply), message(HUMAN, step.observation)]
+        return step
+
+    def _settle(self, slot: int, result: Step | EnvCrashedError, queue: deque[_Episode]) -> int:
+        """After a step: store a finished episode and free its slot. Returns episodes finished (0/1)."""
+        if isinstance(result, EnvCrashedError):
+            return self._crashed(slot, queue)
+        if not result.done:
+            return 0
+        episode, env = self.slots[slot], self.envs[slot]
+        self._record(env.trajectory(extra=env.record_extra(episode.task_id)))
+        self.slots[slot] = None
+        return 1
+
+    def _crashed(self, slot: int, queue: deque[_Episode]) -> int:
+        """Count the crash, replace the slot's environment, and retry the episode first in line, or
+        record it with reward null after ``MAX_RETRIES`` retries. Returns episodes finished (0/1)."""
+        self.report.crashes += 1
+        episode, env = self.slots[slot], self.envs[slot]
+        self.slots[slot], self.envs[slot] = None, None
+        with suppress(Exception):  # the engine is dead already; a failing close changes nothing
+            env.close()
+        if episode.attempt < MAX_RETRIES:
+            queue.appendleft(_Episode(episode.task_id, attempt=episode.attempt + 1))
+            return 0
+        self._record(_crashed_trajectory(episode, env))
+        return 1
+
+    def _record(self, trajectory: Trajectory) -> None:
+        append_jsonl(self.store, trajectory.to_record(with_reward=True))
+        self.report.new_episodes += 1
+
+
+def _crashed_trajectory(episode: _Episode, env: TextEnv) -> Trajectory:
+    """The last attempt as far as it got, in ETO's layout, with reward None (no usable outcome)."""
+    head = [message(HUMAN, env.prompt.instruction), message(GPT, ACK)]
+    if episode.context:
+        head.append(episode.context[-1])  # the task message
+    turns = episode.turns[:-1] if episode.turns else []  # the trailing observation is dropped
+    return Trajectory(id=episode.task_id, conversations=head + turns, reward=None,
+                      extra=env.record_extra(episode.task_id))
+
+
+def evaluate(make_env: Callable[[], TextEnv], engine: PolicyEngine, task_ids: list[str], store: Path,
+             gen: GenerationConfig | None = None, concurrency: int = 4, progress: bool = True) -> EvalResult:
+    """Play ``task_ids`` (a test split) greedily, as ETO evaluates, and score them; ``gen`` sets
+    ``max_new_tokens`` (ETO: 512), its decoding is forced to greedy. ``store`` makes it resumable."""
+    gen = replace(gen or GenerationConfig(), greedy=True)
+    report = explore(make_env, engine, task_ids, store, gen, concurrency=concurrency, progress=progress)
+    return summarise(report.trajectories)
+
+
+def summarise(trajectories: list[Trajectory]) -> EvalResult:
+    """ETO's metrics over ``trajectories``. Success is reward 1.0 (ALFWorld won, ScienceWorld score
+    100). A reward of None (the environment kept crashing) counts as 0: a failure, not a skipped task."""
+    rewards = [t.reward if t.reward is not None else 0.0 for t in trajectories]
+    if not rewards:
+        return EvalResult(average_reward_x100=0.0, success_rate=0.0, n=0)
+    return EvalResult(average_reward_x100=100.0 * sum(rewards) / len(rewards),
+                      success_rate=sum(r == 1.0 for r in rewards) / len(rewards), n=len(rewards))

@@ -1,0 +1,253 @@
+"""The reference trainer on a tiny random Llama: schedule, accumulation, SFT/DPO runs, NaN handling,
+checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fasteto.data.tokenized import TokenizedPair, TokenizedSequence
+from fasteto.trainer import (
+    NonFiniteLossError,
+    TrainConfig,
+    epoch_order,
+    load_checkpoint,
+    lr_factor,
+    reference_logps,
+    save_checkpoint,
+    step_dir,
+    train_dpo,
+    train_sft,
+)
+
+F, T = False, True
+
+
+def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def make_seqs(lengths: list[int], seed: int = 0) -> list[TokenizedSequence]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(1, 64, (n,), generator=g).tolist()
+        mask = [F] * (n // 3) + [T] * (n - n // 3)  # a prompt, then model tokens
+        out.append(TokenizedSequence(f"seq{i}", ids, mask))
+    return out
+
+
+def make_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(1, 64, (3 + i % 3,), generator=g).tolist()
+        chosen = torch.randint(1, 64, (4 + i % 2,), generator=g).tolist()
+        rejected = torch.randint(1, 64, (6 - i % 3,), generator=g).tolist()
+        c_mask = [T] * len(chosen)
+        c_mask[1] = False  # an observation token inside the continuation
+        out.append(TokenizedPair(f"pair{i}", prompt, chosen, c_mask, rejected, [T] * len(rejected)))
+    return out
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# ---------------------------------------------------------------- schedule and config
+
+
+def test_lr_factor_exact() -> None:
+    # cosine, 5 steps, warmup ceil(0.3·5) = 2: step 0 → 0/2, step 1 → 1/2, then progress p = (s − 2)/3:
+    # s=2: p=0 → 1; s=3: p=1/3 → (1 + cos(π/3))/2 = 0.75; s=4: p=2/3 → (1 + cos(2π/3))/2 = 0.25
+    got = [lr_factor(s, 5, 0.3, "cosine") for s in range(5)]
+    assert got == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.25], abs=1e-12)
+    # constant, 12 steps, warmup ceil(0.1·12) = 2: 0, 0.5, then 1
+    assert [lr_factor(s, 12, 0.1, "constant") for s in range(4)] == [0.0, 0.5, 1.0, 1.0]
+    # no warmup: constant 1 from the first step
+    assert lr_factor(0, 10, 0.0, "constant") == 1.0
+    # and Hugging Face's schedulers (what ETO's public code ran) agree everywhere
+    for schedule, make in (
+        ("cosine", transformers.get_cosine_schedule_with_warmup),
+        ("constant", lambda opt, w, total: transformers.get_constant_schedule_with_warmup(opt, w)),
+    ):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+        hf = make(opt, math.ceil(0.03 * 97), 97)
+        for s in range(97):
+            assert hf.lr_lambdas[0](s) == pytest.approx(lr_factor(s, 97, 0.03, schedule), abs=1e-12)
+
+
+def test_lr_sequence_seen_by_training() -> None:
+    seen: list[float] = []
+    cfg = TrainConfig(lr=0.1, epochs=1, global_batch=1, micro_batch=1, schedule="cosine", warmup_ratio=0.3)
+    train_sft(tiny_llama(), make_seqs([5] * 5), cfg, on_step=lambda m: seen.append(m["lr"]))
+    assert seen == pytest.approx([0.0, 0.05, 0.1, 0.075, 0.025], abs=1e-12)
+
+
+def test_config_presets_and_validation() -> None:
+    sft = TrainConfig.sft()
+    assert (sft.lr, sft.epochs, sft.global_batch, sft.schedule, sft.warmup_ratio) == (
+        2e-5,
+        3,
+        64,
+        "cosine",
+        0.03,
+    )
+    d1, d2 = TrainConfig.dpo(1), TrainConfig.dpo(2, micro_batch=4)
+    assert (d1.lr, d1.beta, d1.global_batch, d1.schedule, d1.warmup_ratio) == (1e-6, 0.1, 32, "constant", 0.1)
+    assert (d2.lr, d2.beta, d2.micro_batch) == (5e-7, 0.5, 4)
+    with pytest.raises(ValueError, match="must divide"):
+        train_sft(tiny_llama(), make_seqs([5]), TrainConfig(global_batch=3, micro_batch=2))
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_sft_loss_decreases() -> None:
+    cfg = TrainConfig(lr=1e-2, epochs=6, global_batch=3, micro_batch=3, schedule="constant", warmup_ratio=0.0)
+    history = train_sft(tiny_llama(), make_seqs([9, 6, 12]), cfg)
+    losses = [h["loss"] for h in history]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.7 * losses[0]
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "model_tokens"} <= set(
+        history[0]
+    )
+    assert history[0]["tokens"] == 27 and history[0]["model_tokens"] == 9 - 3 + 6 - 2 + 12 - 4
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_accumulation_equals_one_big_batch(kind: str) -> None:
+    # one optimizer step over 4 items of different lengths: micro 2 × 2 accumulation vs micro 4 × 1
+    seqs, pairs = make_seqs([5, 11, 7, 14], seed=3), make_pairs(4, seed=3)
+    ref = reference_logps(tiny_llama(seed=9), pairs, pad_id=0, micro_batch_size=4)
+    runs = []
+    for micro in (2, 4):
+        model = tiny_llama()
+        cfg = TrainConfig(lr=1e-3, epochs=1, global_batch=4, micro_batch=micro, schedule="constant",
+                          warmup_ratio=0.0, loss="sigmoid")  # fmt: skip
+        if kind == "sft":
+            history = train_sft(model, seqs, cfg)
+        else:
+            history = train_dpo(model, pairs, ref, cfg)
+        grads = {k: v.grad.clone() for k, v in model.named_parameters()}  # the step's accumulated gradient
+        runs.append((history[0], grads, params(model)))
+    (h_a, g_a, p_a), (h_b, g_b, p_b) = runs
+    assert h_a["loss"] == pytest.approx(h_b["loss"], rel=1e-6)
+    for k in g_a:
+        torch.testing.assert_close(g_a[k], g_b[k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p_a[k], p_b[k], rtol=1e-5, atol=1e-6)
+    if kind == "dpo":
+        assert h_a["rewards/margin"] == pytest.approx(h_b["rewards/margin"], rel=1e-5, abs=1e-7)
+
+
+def test_dpo_two_steps() -> None:
+    model = tiny_llama()
+    pairs = make_pairs(4)
+    ref = reference_logps(model, pairs, pad_id=0, micro_batch_size=2)
+    cfg = TrainConfig.dpo(1, lr=1e-3, global_batch=2, micro_batch=1, epochs=1)
+    history = train_dpo(model, pairs, ref, cfg)
+    assert [h["step"] for h in history] == [1, 2]
+    # step 1: the policy is the reference, every log-ratio is 0 → loss log 2, rewards 0
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert history[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
+    for h in history:
+        assert math.isfinite(h["loss"])
+        for key in (
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracy",
+            "rewards/margin",
+            "logps/chosen",
+        ):
+            assert key in h and math.isfinite(h[key])
+    with pytest.raises(ValueError, match=r"ref_logps lacks pairs \[3\]"):
+        train_dpo(model, pairs, {i: ref[i] for i in range(3)}, cfg)
+
+
+def _nan_after(model: torch.nn.Module, good_calls: int) -> None:
+    """Forward hook: logits become NaN after ``good_calls`` forward passes."""
+    calls = [0]
+
+    def hook(module, args, output):
+        calls[0] += 1
+        if calls[0] > good_calls:
+            output.logits = output.logits * float("nan")
+        return output
+
+    model.register_forward_hook(hook)
+
+
+def test_nan_loss_names_step_ids_and_checkpoint(tmp_path) -> None:
+    seqs = make_seqs([6, 7, 8, 9])
+    cfg = TrainConfig(lr=1e-3, epochs=1, global_batch=2, micro_batch=1, save_every=1)
+    model = tiny_llama()
+    _nan_after(model, good_calls=2)  # step 1 (2 micro-batches) is fine, step 2's first micro-batch is not
+    with pytest.raises(NonFiniteLossError) as err:
+        train_sft(model, seqs, cfg, checkpoint_dir=tmp_path)
+    culprit = seqs[epoch_order(4, cfg.seed, 0)[2]].id
+    msg = str(err.value)
+    assert "step 2" in msg and repr(culprit) in msg and str(step_dir(tmp_path, 1)) in msg
+    assert err.value.step == 2 and err.value.ids == [culprit]
+
+    model = tiny_llama()
+    _nan_after(model, good_calls=0)
+    with pytest.raises(NonFiniteLossError, match="step 1 .*none saved yet"):
+        train_sft(model, seqs, cfg)
+
+
+def test_checkpoint_round_trip(tmp_path) -> None:
+    ids = torch.tensor([[3, 17, 42, 5, 9]])
+    for tie in (False, True):
+        model = tiny_llama(seed=1, tie=tie).eval()
+        path = save_checkpoint(model, tmp_path / f"tie{tie}")
+        save_checkpoint(model, path)  # overwriting an existing checkpoint is fine
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp leftovers
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+            fresh = load_checkpoint(path).eval()
+            in_place = load_checkpoint(path, model=tiny_llama(seed=2, tie=tie)).eval()
+            assert torch.equal(fresh(input_ids=ids).logits, expected)
+            assert torch.equal(in_place(input_ids=ids).logits, expected)
+
+
+def _run(kind: str, model, cfg, ckpt=None, resume=None):
+    if kind == "sft":
+        return train_sft(model, make_seqs([5, 9, 7, 6, 8]), cfg, checkpoint_dir=ckpt, resume_from=resume)
+    pairs = make_pairs(5)
+    ref = reference_logps(tiny_llama(seed=7), pairs, pad_id=0, micro_batch_size=5)  # same for every run
+    return train_dpo(model, pairs, ref, cfg, checkpoint_dir=ckpt, resume_from=resume)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_resume_gives_identical_losses(tmp_path, kind: str) -> None:
+    # 5 items, global batch 3 → 2 steps per epoch (3 + 2 items), 2 epochs → 4 steps; the break falls at an
+    # epoch boundary's far side: steps 1–2 are epoch 0, steps 3–4 epoch 1
+    cfg = TrainConfig(lr=1e-2, epochs=2, global_batch=3, micro_batch=1, beta=0.5,
+                      schedule="cosine" if kind == "sft" else "constant", warmup_ratio=0.25)  # fmt: skip
+    full_model = tiny_llama()
+    full = _run(kind, full_model, cfg)
+    first = _run(kind, tiny_llama(), TrainConfig(**{**cfg.__dict__, "stop_at_step": 2}), ckpt=tmp_path)
+    resumed_model = tiny_llama(seed=123)  # weights come from the checkpoint
+    rest = _run(kind, resumed_model, cfg, ckpt=tmp_path, resume=step_dir(tmp_path, 2))
+    assert [h["step"] for h in full] == [1, 2, 3, 4] and [h["step"] for h in rest] == [3, 4]
+    assert [h["loss"] for h in first + rest] == [h["loss"] for h in full]
+    assert [h["lr"] for h in first + rest] == [h["lr"] for h in full]
+    for k, v in params(full_model).items():
+        assert torch.equal(v, params(resumed_model)[k]), k
+    assert rest[-1]["checkpoint"] == str(step_dir(tmp_path, 4))
+    with pytest.raises(ValueError, match="resume with the same data"):
+        _run(kind, tiny_llama(), TrainConfig(**{**cfg.__dict__, "epochs": 3}), resume=step_dir(tmp_path, 2))
