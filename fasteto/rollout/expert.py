@@ -27,6 +27,7 @@ from pathlib import Path
 from fasteto.data.formats import trajectory_from_record
 from fasteto.data.types import Trajectory
 from fasteto.envs import EnvCrashedError, TextEnv, make_env
+from fasteto.envs.base import load_prompt
 from fasteto.rollout.thoughts import expert_reply
 from fasteto.utils.io import atomic_write_json
 
@@ -42,12 +43,12 @@ def default_cache_dir() -> Path:
 
 
 def cache_version(env_name: str, env_kwargs: dict | None = None) -> str:
-    """A digest of the inputs that shape a stored expert trajectory (format, prompt, thought templates,
-    the choice of expert); a change makes a new cache. The data folder is not part of it."""
-    pkg = resources.files("fasteto")
+    """A digest of the inputs that shape a stored expert trajectory (format, instruction message, thought
+    templates, the choice of expert); a change makes a new cache. Neither the in-context example (not
+    stored in trajectories) nor the data folder is part of it."""
     options = sorted((k, str(v)) for k, v in (env_kwargs or {}).items() if k != "data")
-    parts = [FORMAT_VERSION, str(options), pkg.joinpath(f"envs/prompts/{env_name}.json").read_text(),
-             pkg.joinpath("rollout/thoughts.py").read_text()]
+    parts = [FORMAT_VERSION, str(options), load_prompt(env_name).instruction,
+             resources.files("fasteto").joinpath("rollout/thoughts.py").read_text()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
