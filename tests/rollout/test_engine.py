@@ -4,37 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny import byte_tokenizer, tiny_llama
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fasteto.data.types import GPT, HUMAN, message
 from fasteto.rollout.engine import GenerationConfig, TransformersEngine, stop_token_ids, to_chat
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer: one token per byte (no merges), plus ChatML's special tokens."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {char: i for i, char in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
-                                   chat_template=CHATML)
-
-
-def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,7 +27,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> LlamaForCausalLM:
-    return tiny_llama(len(tokenizer))
+    return tiny_llama(len(tokenizer), hidden_size=48)
 
 
 def conversations() -> list[list[dict]]:
@@ -85,7 +59,7 @@ def test_batched_greedy_equals_one_at_a_time(model, tokenizer):
 def test_stops_at_end_of_turn(tokenizer):
     """Bias the head so that ``<|im_end|>`` wins once a 'Z' has been written: every reply is cut at the
     first end of turn, and the token itself is not in the text."""
-    model = tiny_llama(len(tokenizer), seed=1)
+    model = tiny_llama(len(tokenizer), hidden_size=48, seed=1)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     z = tokenizer.convert_tokens_to_ids("Z")
     with torch.no_grad():
@@ -145,12 +119,12 @@ def test_update_weights_swaps_the_policy(model, tokenizer):
     cfg = GenerationConfig(max_new_tokens=8)
     engine = TransformersEngine(model, tokenizer)
     before = engine.generate(conversations(), cfg)
-    engine.update_weights(tiny_llama(len(tokenizer), seed=7))
+    engine.update_weights(tiny_llama(len(tokenizer), hidden_size=48, seed=7))
     assert engine.generate(conversations(), cfg) != before
 
 
 def test_keeps_training_mode_and_rejects_a_trailing_reply(tokenizer):
-    model = tiny_llama(len(tokenizer)).train()
+    model = tiny_llama(len(tokenizer), hidden_size=48).train()
     engine = TransformersEngine(model, tokenizer)
     engine.generate(conversations()[:1], GenerationConfig(max_new_tokens=2))
     assert model.training

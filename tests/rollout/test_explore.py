@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import byte_tokenizer, tiny_llama  # the tiny model and tokenizer of the engine tests
+from tiny import byte_tokenizer, tiny_llama
 
 from fasteto.data.formats import read_jsonl_tolerant, read_trajectories
 from fasteto.data.types import GPT, HUMAN, Message, Trajectory
@@ -269,7 +269,7 @@ def one_thread():
 def test_sciworld_with_a_tiny_random_transformers_policy(borrowed_sciworld, one_thread, tmp_path):
 
     tokenizer = byte_tokenizer()
-    engine = TransformersEngine(tiny_llama(len(tokenizer)), tokenizer, batch_size=2)
+    engine = TransformersEngine(tiny_llama(len(tokenizer), hidden_size=48), tokenizer, batch_size=2)
     store: Path = tmp_path / "s.jsonl"
     result = evaluate(lambda: borrowed_sciworld, engine, ["11_0"], store, GenerationConfig(max_new_tokens=8),
                       progress=False)

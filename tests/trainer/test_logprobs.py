@@ -9,7 +9,8 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
+from transformers import LlamaForCausalLM
 
 from fasteto.data.tokenized import TokenizedPair, TokenizedSequence
 from fasteto.trainer.batching import epoch_order, micro_batches, pad_pairs, pad_sequences
@@ -23,19 +24,6 @@ from fasteto.trainer.logprobs import (
 )
 
 F, T = False, True
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 # ---------------------------------------------------------------- batching

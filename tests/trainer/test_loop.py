@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
 
 from fasteto.data.tokenized import TokenizedPair, TokenizedSequence
 from fasteto.trainer import (
@@ -25,20 +25,6 @@ from fasteto.trainer import (
 )
 
 F, T = False, True
-
-
-def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg)
 
 
 def make_seqs(lengths: list[int], seed: int = 0) -> list[TokenizedSequence]:
