@@ -208,6 +208,10 @@ class TextEnv:
         """The engine's own solution of ``task_id``, as a list of actions."""
         raise NotImplementedError
 
+    def expert_plans(self, task_id: str) -> list[list[str]]:
+        """Solutions to try in order of preference; the expert replay keeps the first that wins."""
+        return [self.expert_actions(task_id)]
+
     def record_extra(self, task_id: str) -> dict:
         """Keys an SFT record of this environment carries beside id and conversations."""
         return {}

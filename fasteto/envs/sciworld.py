@@ -116,7 +116,14 @@ class SciWorldEnv(TextEnv):
     def expert_actions(self, task_id: str) -> list[str]:
         """ScienceWorld's gold action sequence for the task (``generateGoldPath``), shortened for the
         "easy" setting by ``shorten_gold_path``."""
-        return shorten_gold_path(self._with_recovery(lambda: self._gold(task_id)))
+        return self.expert_plans(task_id)[0]
+
+    def expert_plans(self, task_id: str) -> list[list[str]]:
+        """The shortened gold path, then the gold path as generated: on a few tasks (about 1%) skipping
+        the walk changes the outcome (time passes while walking), and only the full path wins."""
+        gold = self._with_recovery(lambda: self._gold(task_id))
+        short = shorten_gold_path(gold)
+        return [short, gold] if short != gold else [gold]
 
     def close(self) -> None:
         if self._sw is not None:

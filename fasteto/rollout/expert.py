@@ -31,7 +31,7 @@ from fasteto.envs.base import load_prompt
 from fasteto.rollout.thoughts import expert_reply
 from fasteto.utils.io import atomic_write_json
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 POOL_ATTEMPTS = 3  # pools started per run when worker processes die
 
 
@@ -53,28 +53,39 @@ def cache_version(env_name: str, env_kwargs: dict | None = None) -> str:
 
 
 def solve(env: TextEnv, task_id: str) -> tuple[Trajectory | None, str | None]:
-    """Replay the engine's plan for ``task_id`` through ``env``.
+    """Replay the engine's plans for ``task_id`` through ``env``, in the env's order of preference.
 
-    Returns (trajectory, None) when the replay reaches reward 1.0, else (None, reason).
+    Returns (trajectory, None) for the first plan whose replay reaches reward 1.0, else (None, reason)
+    with the reason of the first plan.
     """
     try:
-        actions = env.expert_actions(task_id)
+        plans = env.expert_plans(task_id)
     except ValueError as exc:
         return None, f"no plan: {exc}"
+    first_reason = None
+    for actions in plans:
+        reason = _replay(env, task_id, actions)
+        if reason is None:  # the env holds the winning episode
+            return env.trajectory(extra=env.record_extra(task_id)), None
+        first_reason = first_reason or reason
+    return None, first_reason
+
+
+def _replay(env: TextEnv, task_id: str, actions: list[str]) -> str | None:
+    """Play ``actions``; None when they win, else why not."""
+    if not actions:
+        return "no plan: the solver returned no actions"
     env.reset(task_id)
-    step = None
     for action in actions:
         step = env.step(expert_reply(env.name, action))
         if step.done:
             break
-    if step is None:
-        return None, "no plan: the solver returned no actions"
-    if step.reward < 1.0:
-        limit = env.max_steps(task_id)
-        if step.steps >= limit and len(actions) > limit:
-            return None, f"plan longer than the step limit ({len(actions)} > {limit})"
-        return None, f"replay ended with reward {step.reward:.2f}"
-    return env.trajectory(extra=env.record_extra(task_id)), None
+    if step.reward >= 1.0:
+        return None
+    limit = env.max_steps(task_id)
+    if step.steps >= limit and len(actions) > limit:
+        return f"plan longer than the step limit ({len(actions)} > {limit})"
+    return f"replay ended below reward 1 ({step.reward:.2f})"
 
 
 @dataclass
