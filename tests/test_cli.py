@@ -94,3 +94,14 @@ def test_check_runs_sciworld_alone_when_alfworld_is_absent(tmp_path, sciworld_en
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALFWorld skipped" in proc.stdout and "Going on with ScienceWorld alone" in proc.stdout
     assert "9_412" in proc.stdout and "environments OK" in proc.stdout
+
+
+def test_self_play_pairs_need_no_expert(tmp_path, capsys):
+    explored = tmp_path / "explored.json"
+    explored.write_text(json.dumps([_traj("a", 0.2, 2), _traj("a", 0.9, 1), _traj("b", 0.5, 1)]))
+    assert main(["pairs", "--self-play", str(explored), "-o", str(tmp_path / "sp.json")]) == 0
+    assert "wrote 1 pairs" in capsys.readouterr().out
+    [pair] = json.loads((tmp_path / "sp.json").read_text())
+    assert (pair["id"], len(pair["chosen"]), len(pair["rejected"])) == ("a", 1, 3)
+    with pytest.raises(SystemExit):
+        main(["pairs", "--self-play", "e.json", str(explored), "-o", "x.json"])
