@@ -168,3 +168,96 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of options at the top level")
     return data
+
+
+# The ETO run ----------------------------------------------------------------------------------------
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"help": text})
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = _help("a local model folder, or 'smollm2-135m' (the embedded default)", "smollm2-135m")
+    dtype: typing.Literal["float32", "bfloat16"] = _help("weights' dtype", "float32")
+
+
+@dataclasses.dataclass
+class EnvsConfig:
+    names: list[str] = _help("environments; empty: ScienceWorld, and ALFWorld when its data is found",
+                             factory=list)
+    alfworld_data: str | None = _help("ALFWorld's data folder (default: $ALFWORLD_DATA)", None)
+    train_tasks: int | None = _help("training tasks per environment, a seeded sample (none: all)", 4)
+    test_tasks: int | None = _help("tasks per test split, a seeded sample (none: all)", 2)
+    splits: list[str] = _help("test splits", factory=lambda: ["seen", "unseen"])
+    train_ids: list[str] = _help("exact training task ids instead of a sample (any environment)",
+                                 factory=list)
+    test_ids: list[str] = _help("exact test task ids instead of a sample (any environment and split)",
+                                factory=list)
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    lr: float = _help("learning rate", 2e-5)
+    epochs: int = _help("epochs", 3)
+    global_batch: int = _help("sequences per optimizer step", 64)
+    micro_batch: int = _help("sequences per forward pass", 1)
+    warmup_ratio: float = _help("linear warmup, then cosine decay", 0.03)
+    max_length: int = _help("tokens per sequence; longer ones are cut at the end", 4096)
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    lr: list[float] = _help("learning rate of iteration 1, 2, ... (the last repeats)",
+                            factory=lambda: [1e-6, 5e-7])
+    beta: list[float] = _help("DPO beta of iteration 1, 2, ... (the last repeats)",
+                              factory=lambda: [0.1, 0.5])
+    loss: typing.Literal["sigmoid", "ipo", "sigmoid_norm"] = _help("preference loss", "sigmoid")
+    epochs: int = _help("epochs per iteration", 3)
+    global_batch: int = _help("pairs per optimizer step", 32)
+    micro_batch: int = _help("pairs per forward pass", 1)
+    warmup_ratio: float = _help("linear warmup, then constant", 0.1)
+    max_prompt: int = _help("prompt tokens kept (its end)", 512)
+    max_target: int = _help("chosen / rejected tokens kept (their start)", 3072)
+    max_extra_messages: str = _help("cut of a losing trajectory: N, 'none', or 'auto' (ETO's per env)",
+                                    "auto")
+
+
+@dataclasses.dataclass
+class ExploreConfig:
+    max_new_tokens: int = _help("tokens per reply", 512)
+    concurrency: int = _help("episodes in flight at once", 4)
+    temperature: float = _help("sampling temperature (self-play samples; exploration is greedy in ETO)", 0.7)
+    greedy: bool = _help("greedy exploration, as the paper", True)
+    samples: int = _help("episodes per task when exploring in self-play mode", 2)
+    max_context: int | None = _help("prompt + reply tokens; older turns are dropped beyond (none: no cap)",
+                                    None)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    mode: typing.Literal["eto", "self-play", "rft"] = _help("eto, self-play (no expert) or rft", "eto")
+    iterations: int = _help("explore → pair → DPO rounds", 1)
+    run_dir: str = _help("the run folder; a rerun with the same folder resumes", "runs/default")
+    seed: int = _help("seed for sampling tasks, shuffling and generation", 0)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    envs: EnvsConfig = dataclasses.field(default_factory=EnvsConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    explore: ExploreConfig = dataclasses.field(default_factory=ExploreConfig)
+
+
+# Presets are overrides of the dataclass defaults (which are the paper's hyperparameters).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough for 2 CPU cores: a few tasks, short replies, one iteration, small batches.
+    "default": {
+        "envs": {"train_tasks": 4, "test_tasks": 2},
+        "sft": {"epochs": 2, "global_batch": 4, "max_length": 2048},
+        "dpo": {"epochs": 1, "global_batch": 2, "lr": [5e-6], "max_target": 1536},
+        "explore": {"max_new_tokens": 48, "concurrency": 4, "max_context": 3072},
+    },
+    # The paper: full splits, its hyperparameters, three iterations; for GPU nodes.
+    "paper": {"iterations": 3, "envs": {"train_tasks": None, "test_tasks": None}},
+}

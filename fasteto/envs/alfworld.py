@@ -101,6 +101,7 @@ class AlfWorldEnv(TextEnv):
     """ALFWorld games through TextWorld, in-process. One env plays one game at a time."""
 
     name = "alfworld"
+    parallel_safe = False  # TextWorld runs in this process, and its PDDL parser is not thread-safe
 
     def __init__(self, data: str | os.PathLike | None = None, expert: str = "auto",
                  expert_timeout: float = EXPERT_TIMEOUT, max_restarts: int = 3):

@@ -99,6 +99,9 @@ class TextEnv:
     """
 
     name = "base"
+    # Whether instances may be reset and stepped from different threads at once. True where each
+    # instance drives its own engine process, so a step is a wait that threads can overlap.
+    parallel_safe = False
 
     def __init__(self, max_restarts: int = 3):
         self.max_restarts = max_restarts

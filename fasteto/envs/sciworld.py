@@ -101,6 +101,7 @@ class SciWorldEnv(TextEnv):
     """One ScienceWorld simulator (one JVM). Not thread-safe; use one per worker process."""
 
     name = "sciworld"
+    parallel_safe = True  # one JVM per instance
 
     def __init__(self, max_restarts: int = 3):
         super().__init__(max_restarts=max_restarts)

@@ -112,11 +112,13 @@ class ExpertReport:
 
 def make_experts(env_name: str, split: str, limit: int | None = None, workers: int | None = None,
                  cache_dir: str | os.PathLike | None = None, env_kwargs: dict | None = None,
-                 progress: bool = True) -> ExpertReport:
-    """Expert trajectories for the tasks of a split, solved in parallel and cached per task."""
+                 progress: bool = True, task_ids: list[str] | None = None) -> ExpertReport:
+    """Expert trajectories for the tasks of a split (or the given ``task_ids`` of it), solved in
+    parallel and cached per task."""
     start = time.time()
     env_kwargs = dict(env_kwargs or {})
-    task_ids = _task_ids(env_name, split, env_kwargs)[:limit]
+    if task_ids is None:
+        task_ids = _task_ids(env_name, split, env_kwargs)[:limit]
     version = cache_version(env_name, env_kwargs)
     folder = Path(cache_dir or default_cache_dir()) / "expert" / version / env_name / split
     records = {tid: rec for tid in task_ids if (rec := _read_cached(folder, tid)) is not None}

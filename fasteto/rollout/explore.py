@@ -128,7 +128,7 @@ class _Explorer:
                     replies = self.engine.generate([self.slots[i].conversation() for i in live],
                                                    self._round_config(rounds))
                     rounds += 1
-                    results = list(pool.map(self._step, live, replies))
+                    results = self._map(pool, self._step, live, replies)
                     self.report.env_steps += len(live)
                     bar.update(sum(self._settle(i, r, queue) for i, r in zip(live, results, strict=True)))
                     bar.set_postfix(steps_per_s=f"{self.report.env_steps / (time.time() - start):.1f}")
@@ -153,10 +153,16 @@ class _Explorer:
                 self.slots[i] = queue.popleft()
                 if self.envs[i] is None:
                     self.envs[i] = self.make_env()
-            for i, outcome in zip(free, pool.map(self._reset, free), strict=True):
+            for i, outcome in zip(free, self._map(pool, self._reset, free), strict=True):
                 if isinstance(outcome, EnvCrashedError):
                     finished += self._crashed(i, queue)
         return finished
+
+    def _map(self, pool: ThreadPoolExecutor, fn, slots: list[int], *args) -> list:
+        """``fn`` over ``slots``: in threads when every env involved is ``parallel_safe``, else in turn."""
+        if all(self.envs[i].parallel_safe for i in slots):
+            return list(pool.map(fn, slots, *args))
+        return list(map(fn, slots, *args))
 
     def _reset(self, slot: int) -> str | EnvCrashedError:
         episode, env = self.slots[slot], self.envs[slot]

@@ -1,0 +1,363 @@
+"""The phases of an ETO run, each resumable: experts, evaluation, SFT, exploration, pairs, DPO.
+
+``EtoLoop.run`` reads like the algorithm in ``fasteto/train.py``; each ``_phase`` call skips a phase the
+run folder has marked done and returns its recorded result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fasteto.config import RunConfig
+from fasteto.data.formats import read_trajectories, write_pairs, write_trajectories
+from fasteto.data.pairs import DEFAULT_MAX_EXTRA_MESSAGES, build_pairs, build_rft_set, build_self_play_pairs
+from fasteto.data.types import Pair, Trajectory
+from fasteto.run import RunFolder
+
+
+class EtoLoop:
+    def __init__(self, cfg: RunConfig, run: RunFolder):
+        self.cfg = cfg
+        self.run_folder = run
+        self.envs: list[str] = []
+        self.tasks: dict[str, dict[str, list[str]]] = {}  # env -> split -> task ids
+        self.evaluations: list[dict[str, Any]] = []
+
+    # Before any work: everything that can be wrong is checked here ------------------------------
+
+    def prepare(self) -> None:
+        from fasteto.models.load import load_tokenizer, resolve_model
+        from fasteto.train import sample
+
+        self.envs = self._choose_envs()
+        e = self.cfg.envs
+        split_ids = {env: self._split_ids(env) for env in self.envs}
+        for name, given in (("envs.train_ids", e.train_ids), ("envs.test_ids", e.test_ids)):
+            splits = ["train"] if name == "envs.train_ids" else e.splits
+            known = {t for env in self.envs for s in splits for t in split_ids[env][s]}
+            if unknown := [t for t in given if t not in known]:
+                raise ValueError(
+                    f"{name}: unknown task ids {unknown[:5]}; they must be in the "
+                    f"{'/'.join(splits)} split(s) of {', '.join(self.envs)}"
+                )
+        for env in self.envs:
+            ids = split_ids[env]
+            self.tasks[env] = {
+                s: ([t for t in ids[s] if t in given] if given else sample(ids[s], n, self.cfg.seed))
+                for s, given, n in [("train", e.train_ids, e.train_tasks)]
+                + [(s, e.test_ids, e.test_tasks) for s in e.splits]
+            }
+        self.base_model = resolve_model(self.cfg.model.name)
+        self.tokenizer = load_tokenizer(self.base_model)
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.model.dtype]
+        if (
+            self.cfg.dpo.max_extra_messages not in ("auto", "none")
+            and not self.cfg.dpo.max_extra_messages.isdigit()
+        ):
+            raise ValueError(
+                f"dpo.max_extra_messages: {self.cfg.dpo.max_extra_messages!r} is not a number, "
+                "'none' or 'auto'"
+            )
+
+    def _choose_envs(self) -> list[str]:
+        from fasteto.envs.alfworld import find_data
+
+        names = self.cfg.envs.names
+        for name in names:
+            if name not in ("sciworld", "alfworld"):
+                raise ValueError(f"envs.names: unknown environment {name!r}; choose sciworld and/or alfworld")
+        if "alfworld" in names:
+            find_data(self.cfg.envs.alfworld_data)  # asked for explicitly: missing data is an error
+            return list(names)
+        if names:
+            return list(names)
+        try:
+            find_data(self.cfg.envs.alfworld_data)
+        except Exception as exc:
+            print(f"ALFWorld skipped (not asked for explicitly): {exc}\nGoing on with ScienceWorld alone.")
+            return ["sciworld"]
+        return ["sciworld", "alfworld"]
+
+    def _split_ids(self, env: str) -> dict[str, list[str]]:
+        if env == "sciworld":
+            from fasteto.envs.sciworld import split_task_ids
+
+            return {s: split_task_ids(s) for s in ["train", *self.cfg.envs.splits]}
+        from fasteto.envs.alfworld import find_data, split_task_ids
+
+        data = find_data(self.cfg.envs.alfworld_data)
+        return {s: list(split_task_ids(data, s)) for s in ["train", *self.cfg.envs.splits]}
+
+    # The algorithm ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        cfg = self.cfg
+        experts = self._phase("experts", self._experts) if cfg.mode != "self-play" else {}
+        self._evaluate("base", self.base_model)
+        policy = self.base_model
+        if cfg.mode != "self-play":
+            policy = Path(self._phase("sft", lambda: self._sft("sft", self._expert_items(experts))))
+            self._evaluate("SFT", policy)
+        for k in range(1, cfg.iterations + 1):
+            explored = self._phase(f"explore-{k}", partial(self._explore, k, policy))
+            if cfg.mode == "rft":
+                items = [
+                    t
+                    for e in self.envs
+                    for t in build_rft_set(self._expert_items(experts, e), self._read(explored[e]))
+                ]
+                policy = Path(self._phase(f"rft-{k}", partial(self._sft, f"rft-{k}", items, policy)))
+            else:
+                pairs = self._phase(f"pairs-{k}", partial(self._pairs, k, experts, explored))
+                policy = Path(self._phase(f"dpo-{k}", partial(self._dpo, k, policy, pairs)))
+            self._evaluate(f"{'RFT' if cfg.mode == 'rft' else 'ETO'} iteration {k}", policy)
+        self._finish()
+
+    # Phases ----------------------------------------------------------------------------------------
+
+    def _phase(self, name: str, fn: Callable[[], Any]) -> Any:
+        if self.run_folder.done(name):
+            print(f"[{name}] done earlier; skipped")
+            return self.run_folder.result(name)
+        print(f"[{name}]")
+        result = fn()
+        self.run_folder.mark(name, result)
+        return result
+
+    def _experts(self) -> dict[str, str]:
+        from fasteto.rollout.expert import make_experts
+
+        files = {}
+        for env in self.envs:
+            report = make_experts(
+                env, "train", task_ids=self.tasks[env]["train"], env_kwargs=self._env_kwargs(env)
+            )
+            print(report.summary())
+            path = self.run_folder.file("experts", f"{env}.json")
+            write_trajectories(path, report.trajectories, "sft")
+            files[env] = str(path)
+        return files
+
+    def _expert_items(self, experts: dict[str, str], env: str | None = None) -> list[Trajectory]:
+        envs = [env] if env else self.envs
+        return [t for e in envs for t in read_trajectories(experts[e], "sft")]
+
+    def _read(self, path: str) -> list[Trajectory]:
+        return read_trajectories(path, "explored")
+
+    def _evaluate(self, label: str, policy: Path | str) -> None:
+        from fasteto.rollout.engine import GenerationConfig
+        from fasteto.rollout.explore import evaluate
+
+        def work() -> list[dict[str, Any]]:
+            engine = self._engine(policy)
+            rows = []
+            for env in self.envs:
+                for split in self.cfg.envs.splits:
+                    store = self.run_folder.file("eval", _slug(label), f"{env}_{split}.jsonl")
+                    result = evaluate(
+                        self._env_factory(env),
+                        engine,
+                        self.tasks[env][split],
+                        store,
+                        GenerationConfig(max_new_tokens=self.cfg.explore.max_new_tokens),
+                        concurrency=self.cfg.explore.concurrency,
+                    )
+                    rows.append({"label": label, "env": env, "split": split, **dataclasses.asdict(result)})
+                    self.run_folder.log({"phase": f"eval-{_slug(label)}", **rows[-1]})
+            return rows
+
+        self.evaluations += self._phase(f"eval-{_slug(label)}", work)
+
+    def _explore(self, k: int, policy: Path | str) -> dict[str, str]:
+        from fasteto.rollout.engine import GenerationConfig
+        from fasteto.rollout.explore import explore
+
+        engine = self._engine(policy)
+        self_play = self.cfg.mode == "self-play"
+        samples = self.cfg.explore.samples if self_play else 1
+        files = {}
+        for env in self.envs:
+            items = []
+            for s in range(samples):
+                gen = GenerationConfig(
+                    max_new_tokens=self.cfg.explore.max_new_tokens,
+                    greedy=self.cfg.explore.greedy and not self_play,
+                    temperature=self.cfg.explore.temperature,
+                    seed=self.cfg.seed + 1000 * s,
+                )
+                store = self.run_folder.file(f"iter-{k}", f"explored_{env}_{s}.jsonl")
+                report = explore(
+                    self._env_factory(env),
+                    engine,
+                    self.tasks[env]["train"],
+                    store,
+                    gen,
+                    concurrency=self.cfg.explore.concurrency,
+                )
+                print(report.summary())
+                items += report.trajectories
+            path = self.run_folder.file(f"iter-{k}", f"explored_{env}.json")
+            write_trajectories(path, items, "explored")
+            files[env] = str(path)
+        return files
+
+    def _pairs(self, k: int, experts: dict[str, str], explored: dict[str, str]) -> dict[str, Any]:
+        out = {}
+        for env in self.envs:
+            if self.cfg.mode == "self-play":
+                pairs, stats = build_self_play_pairs(self._read(explored[env]))
+            else:
+                pairs, stats = build_pairs(
+                    self._expert_items(experts, env), self._read(explored[env]), self._max_extra(env)
+                )
+            print(f"{env}: {stats.summary()}")
+            path = self.run_folder.file(f"iter-{k}", f"pairs_{env}.json")
+            write_pairs(path, pairs)
+            out[env] = {"file": str(path), "stats": dataclasses.asdict(stats)}
+        return out
+
+    def _max_extra(self, env: str) -> int | None:
+        value = self.cfg.dpo.max_extra_messages
+        return DEFAULT_MAX_EXTRA_MESSAGES[env] if value == "auto" else None if value == "none" else int(value)
+
+    def _sft(self, name: str, items: list[Trajectory], start: Path | str | None = None) -> str:
+        from fasteto.data.tokenize import tokenize_trajectories
+        from fasteto.trainer import TrainConfig, latest_checkpoint, train_sft
+
+        seqs, dropped = tokenize_trajectories(self.tokenizer, items, self.cfg.sft.max_length)
+        print(f"{len(seqs)} sequences ({dropped} dropped: no model token left after truncation)")
+        s = self.cfg.sft
+        tcfg = TrainConfig(
+            lr=s.lr,
+            epochs=s.epochs,
+            global_batch=min(s.global_batch, len(seqs)),
+            micro_batch=1,
+            schedule="cosine",
+            warmup_ratio=s.warmup_ratio,
+            seed=self.cfg.seed,
+            pad_id=self._pad_id(),
+        )
+        model = self._load(start or self.base_model).train()
+        checkpoints = self.run_folder.file("checkpoints", name, ".keep").parent
+        train_sft(
+            model,
+            seqs,
+            tcfg,
+            on_step=lambda m: self.run_folder.log({"phase": name, **m}),
+            checkpoint_dir=checkpoints,
+            resume_from=latest_checkpoint(checkpoints),
+        )
+        return self._save(model, name)
+
+    def _dpo(self, k: int, policy: Path | str, pairs_info: dict[str, Any]) -> str:
+        from fasteto.data.formats import read_pairs
+        from fasteto.data.tokenize import tokenize_pairs
+        from fasteto.trainer import (
+            TrainConfig,
+            latest_checkpoint,
+            load_reference,
+            reference_logps,
+            save_reference,
+            train_dpo,
+        )
+
+        pairs: list[Pair] = [p for env in self.envs for p in read_pairs(pairs_info[env]["file"])]
+        d = self.cfg.dpo
+        tokens, dropped = tokenize_pairs(self.tokenizer, pairs, d.max_prompt, d.max_target)
+        print(f"{len(tokens)} pairs ({dropped} dropped: no model token left after truncation)")
+        if not tokens:
+            print("no pairs: the policy is kept as it is for this iteration")
+            return str(policy)
+        model = self._load(policy)
+        ref_file = self.run_folder.file(f"iter-{k}", "reference_logps.json")
+        if not ref_file.exists():  # the reference is the policy at the start of the iteration
+            save_reference(ref_file, reference_logps(model, tokens, self._pad_id(), d.micro_batch), tokens)
+        ref = load_reference(ref_file, tokens)
+        pick = min(k, len(d.lr)) - 1, min(k, len(d.beta)) - 1
+        tcfg = TrainConfig(
+            lr=d.lr[pick[0]],
+            beta=d.beta[pick[1]],
+            epochs=d.epochs,
+            loss=d.loss,
+            global_batch=min(d.global_batch, len(tokens)),
+            micro_batch=1,
+            schedule="constant",
+            warmup_ratio=d.warmup_ratio,
+            seed=self.cfg.seed,
+            pad_id=self._pad_id(),
+        )
+        checkpoints = self.run_folder.file("checkpoints", f"dpo-{k}", ".keep").parent
+        model.train()
+        train_dpo(
+            model,
+            tokens,
+            ref,
+            tcfg,
+            on_step=lambda m: self.run_folder.log({"phase": f"dpo-{k}", **m}),
+            checkpoint_dir=checkpoints,
+            resume_from=latest_checkpoint(checkpoints),
+        )
+        return self._save(model, f"dpo-{k}")
+
+    def _finish(self) -> None:
+        from fasteto.report import plot_run, results_table
+        from fasteto.utils.io import atomic_write_json
+
+        summary = {
+            "config": self.run_folder.config,
+            "envs": self.envs,
+            "tasks": {e: {s: len(ids) for s, ids in splits.items()} for e, splits in self.tasks.items()},
+            "evaluations": self.evaluations,
+        }
+        atomic_write_json(self.run_folder.path / "summary.json", summary)
+        plot_run(self.run_folder.path / "metrics.jsonl", summary, self.run_folder.path / "curves.png")
+        print("\n" + results_table(summary))
+
+    # Helpers ---------------------------------------------------------------------------------------
+
+    def _env_kwargs(self, env: str) -> dict[str, Any]:
+        return {"data": self.cfg.envs.alfworld_data} if env == "alfworld" else {}
+
+    def _env_factory(self, env: str):
+        from fasteto.envs import make_env
+
+        kwargs = self._env_kwargs(env)
+        return lambda: make_env(env, **kwargs)
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def _load(self, path: Path | str):
+        from fasteto.models.load import load_model
+
+        gc.collect()
+        return load_model(path, dtype=self.dtype)
+
+    def _engine(self, policy: Path | str):
+        from fasteto.rollout.engine import TransformersEngine
+
+        return TransformersEngine(
+            self._load(policy),
+            self.tokenizer,
+            batch_size=self.cfg.explore.concurrency,
+            max_context=self.cfg.explore.max_context,
+        )
+
+    def _save(self, model, name: str) -> str:
+        from fasteto.trainer import save_checkpoint
+
+        path = self.run_folder.path / "models" / name
+        save_checkpoint(model, path, tokenizer=self.tokenizer)
+        return str(path)
+
+
+def _slug(label: str) -> str:
+    return label.lower().replace(" iteration ", "-").replace(" ", "-")

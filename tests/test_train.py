@@ -1,0 +1,141 @@
+"""`python -m fasteto.train` end to end: a tiny random model on real ScienceWorld and ALFWorld tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny import byte_tokenizer, tiny_llama
+
+from fasteto.train import main, parse_config, sample
+
+ALF_TRAIN = [
+    "look_at_obj_in_light-AlarmClock-None-DeskLamp-302/trial_T20190908_192756_298295",
+    "pick_two_obj_and_place-AlarmClock-None-Desk-307/trial_T20190907_013752_725369",
+]
+
+
+def test_presets_files_and_flags_compose(tmp_path):
+    (tmp_path / "run.yaml").write_text("iterations: 2\ndpo:\n  beta: [0.2]\n")
+    cfg = parse_config(["--preset", "paper", "--config", str(tmp_path / "run.yaml"), "--dpo.loss", "ipo"])
+    assert (cfg.iterations, cfg.dpo.beta, cfg.dpo.loss, cfg.envs.train_tasks) == (2, [0.2], "ipo", None)
+    with pytest.raises(SystemExit):
+        parse_config(["--sft.lrr", "1"])
+    with pytest.raises(SystemExit):
+        parse_config(["--mode", "ppo"])
+
+
+def test_task_sample_is_seeded_and_in_split_order():
+    ids = [str(i) for i in range(10)]
+    assert sample(ids, 3, seed=0) == sample(ids, 3, seed=0) and len(sample(ids, 3, seed=0)) == 3
+    assert sample(ids, 3, seed=0) == sorted(sample(ids, 3, seed=0), key=ids.index)
+    assert sample(ids, None, 0) == ids and sample(ids, 99, 0) == ids
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path):
+    tokenizer = byte_tokenizer()
+    folder = tmp_path / "tiny-model"
+    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_eto_run_writes_every_artefact_and_resumes(
+    tmp_path, tiny_model_dir, alfworld_data, sciworld_env, monkeypatch, capsys
+):
+    from fasteto.envs.alfworld import split_task_ids as alf_ids
+    from fasteto.envs.sciworld import split_task_ids as sw_ids
+
+    monkeypatch.setenv("FASTETO_CACHE", str(tmp_path / "cache"))
+    test_ids = [next(t for t in sw_ids(s) if t.startswith("11_")) for s in ("seen", "unseen")]
+    test_ids += [alf_ids(alfworld_data, s)[0] for s in ("seen", "unseen")]
+    run_dir = tmp_path / "run"
+    argv = [
+        "--model.name",
+        str(tiny_model_dir),
+        "--run_dir",
+        str(run_dir),
+        "--envs.names",
+        "sciworld,alfworld",
+        "--envs.alfworld_data",
+        str(alfworld_data),
+        "--envs.train_ids",
+        ",".join(["11_0", "21_52", *ALF_TRAIN]),
+        "--envs.test_ids",
+        ",".join(test_ids),
+        "--explore.max_new_tokens",
+        "6",
+        "--sft.epochs",
+        "1",
+        "--dpo.epochs",
+        "1",
+        "--explore.concurrency",
+        "2",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    state = json.loads((run_dir / "state.json").read_text())["done"]
+    assert list(state) == [
+        "experts",
+        "eval-base",
+        "sft",
+        "eval-sft",
+        "explore-1",
+        "pairs-1",
+        "dpo-1",
+        "eval-eto-1",
+    ]
+    for name in [
+        "config.json",
+        "versions.json",
+        "metrics.jsonl",
+        "summary.json",
+        "curves.png",
+        "experts/sciworld.json",
+        "experts/alfworld.json",
+        "iter-1/explored_sciworld.json",
+        "iter-1/pairs_alfworld.json",
+        "iter-1/reference_logps.json",
+        "models/sft/config.json",
+        "models/dpo-1/config.json",
+        "eval/base/sciworld_seen.jsonl",
+        "eval/eto-1/alfworld_unseen.jsonl",
+    ]:
+        assert (run_dir / name).exists(), name
+    assert [t["id"] for t in json.loads((run_dir / "experts/sciworld.json").read_text())] == ["11_0", "21_52"]
+    explored = json.loads((run_dir / "iter-1/explored_alfworld.json").read_text())
+    assert [t["id"] for t in explored] == ALF_TRAIN and all(t["reward"] == 0.0 for t in explored)
+    assert len(json.loads((run_dir / "iter-1/pairs_sciworld.json").read_text())) == 2  # two losses
+    phases = {json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    assert {"sft", "dpo-1", "eval-base", "eval-sft", "eval-eto-1"} <= phases
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [(r["label"], r["env"], r["split"]) for r in summary["evaluations"]][:2] == [
+        ("base", "sciworld", "seen"),
+        ("base", "sciworld", "unseen"),
+    ]
+    assert len(summary["evaluations"]) == 3 * 2 * 2 and "ETO iteration 1" in out
+
+    assert main(argv) == 0  # a rerun resumes: every phase is done, the same table comes out
+    again = capsys.readouterr().out
+    assert again.count("done earlier; skipped") == len(state)
+    assert json.loads((run_dir / "summary.json").read_text())["evaluations"] == summary["evaluations"]
+
+    assert main([*argv, "--dpo.loss", "ipo"]) == 2  # a different config is refused before any work
+    assert "dpo.loss is 'sigmoid' there, 'ipo' here" in capsys.readouterr().err
+
+
+def test_unknown_task_id_is_refused_before_work(tmp_path, tiny_model_dir, capsys):
+    argv = [
+        "--model.name",
+        str(tiny_model_dir),
+        "--run_dir",
+        str(tmp_path / "run"),
+        "--envs.names",
+        "sciworld",
+        "--envs.train_ids",
+        "11_0,99_1",
+    ]
+    assert main(argv) == 2
+    assert "envs.train_ids: unknown task ids ['99_1']" in capsys.readouterr().err
