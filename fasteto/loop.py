@@ -230,23 +230,22 @@ class EtoLoop:
 
     def _sft(self, name: str, items: list[Trajectory], start: Path | str | None = None) -> str:
         from fasteto.data.tokenize import tokenize_trajectories
-        from fasteto.trainer import TrainConfig, latest_checkpoint, train_sft
+        from fasteto.trainer import latest_checkpoint, train_sft
 
         seqs, dropped = tokenize_trajectories(self.tokenizer, items, self.cfg.sft.max_length)
         print(f"{len(seqs)} sequences ({dropped} dropped: no model token left after truncation)")
         s = self.cfg.sft
-        tcfg = TrainConfig(
+        tcfg = self._train_config(
+            len(seqs),
+            s.global_batch,
+            s.micro_batch,
             lr=s.lr,
             epochs=s.epochs,
-            global_batch=min(s.global_batch, len(seqs)),
-            micro_batch=1,
             schedule="cosine",
             warmup_ratio=s.warmup_ratio,
-            seed=self.cfg.seed,
-            pad_id=self._pad_id(),
         )
         model = self._load(start or self.base_model).train()
-        checkpoints = self.run_folder.file("checkpoints", name, ".keep").parent
+        checkpoints = self.run_folder.folder("checkpoints", name)
         train_sft(
             model,
             seqs,
@@ -261,7 +260,6 @@ class EtoLoop:
         from fasteto.data.formats import read_pairs
         from fasteto.data.tokenize import tokenize_pairs
         from fasteto.trainer import (
-            TrainConfig,
             latest_checkpoint,
             load_reference,
             reference_logps,
@@ -281,20 +279,20 @@ class EtoLoop:
         if not ref_file.exists():  # the reference is the policy at the start of the iteration
             save_reference(ref_file, reference_logps(model, tokens, self._pad_id(), d.micro_batch), tokens)
         ref = load_reference(ref_file, tokens)
-        pick = min(k, len(d.lr)) - 1, min(k, len(d.beta)) - 1
-        tcfg = TrainConfig(
-            lr=d.lr[pick[0]],
-            beta=d.beta[pick[1]],
+        # ETO's schedule: iteration 1 has its own lr and beta, later iterations share the last ones.
+        lr, beta = d.lr[min(k, len(d.lr)) - 1], d.beta[min(k, len(d.beta)) - 1]
+        tcfg = self._train_config(
+            len(tokens),
+            d.global_batch,
+            d.micro_batch,
+            lr=lr,
+            beta=beta,
             epochs=d.epochs,
             loss=d.loss,
-            global_batch=min(d.global_batch, len(tokens)),
-            micro_batch=1,
             schedule="constant",
             warmup_ratio=d.warmup_ratio,
-            seed=self.cfg.seed,
-            pad_id=self._pad_id(),
         )
-        checkpoints = self.run_folder.file("checkpoints", f"dpo-{k}", ".keep").parent
+        checkpoints = self.run_folder.folder("checkpoints", f"dpo-{k}")
         model.train()
         train_dpo(
             model,
@@ -332,6 +330,14 @@ class EtoLoop:
         kwargs = self._env_kwargs(env)
         return lambda: make_env(env, **kwargs)
 
+    def _train_config(self, n: int, global_batch: int, micro_batch: int, **stage: Any):
+        from fasteto.trainer import TrainConfig
+
+        size, micro = batch_sizes(n, global_batch, micro_batch)
+        return TrainConfig(
+            global_batch=size, micro_batch=micro, seed=self.cfg.seed, pad_id=self._pad_id(), **stage
+        )
+
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
@@ -357,6 +363,13 @@ class EtoLoop:
         path = self.run_folder.path / "models" / name
         save_checkpoint(model, path, tokenizer=self.tokenizer)
         return str(path)
+
+
+def batch_sizes(n: int, global_batch: int, micro_batch: int) -> tuple[int, int]:
+    """(global, micro) batch for ``n`` items: the global batch at most ``n``, the micro batch the largest
+    divisor of it up to ``micro_batch`` (gradient accumulation needs it to divide the global batch)."""
+    size = max(1, min(global_batch, n))
+    return size, max(m for m in range(1, min(micro_batch, size) + 1) if size % m == 0)
 
 
 def _slug(label: str) -> str:

@@ -77,8 +77,15 @@ class RunFolder:
         )
 
     def file(self, *parts: str) -> Path:
+        """A file's path in the run folder; its folder is created."""
         path = self.path.joinpath(*parts)
         path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def folder(self, *parts: str) -> Path:
+        """A folder in the run folder, created."""
+        path = self.path.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
         return path
 
     def done(self, phase: str) -> bool:

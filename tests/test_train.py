@@ -139,3 +139,12 @@ def test_unknown_task_id_is_refused_before_work(tmp_path, tiny_model_dir, capsys
     ]
     assert main(argv) == 2
     assert "envs.train_ids: unknown task ids ['99_1']" in capsys.readouterr().err
+
+
+def test_batch_sizes_fit_small_data_and_divide():
+    from fasteto.loop import batch_sizes
+
+    assert batch_sizes(100, 64, 8) == (64, 8)
+    assert batch_sizes(5, 64, 4) == (5, 1)  # 5 items: one step of 5, micro batches of 1
+    assert batch_sizes(6, 64, 4) == (6, 3)
+    assert batch_sizes(0, 32, 2) == (1, 1)
