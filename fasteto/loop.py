@@ -23,9 +23,9 @@ from fasteto.run import RunFolder
 
 
 class EtoLoop:
-    def __init__(self, cfg: RunConfig, run: RunFolder):
+    def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.run_folder = run
+        self.run_folder: RunFolder | None = None  # given to run(), after prepare() found nothing wrong
         self.envs: list[str] = []
         self.tasks: dict[str, dict[str, list[str]]] = {}  # env -> split -> task ids
         self.evaluations: list[dict[str, Any]] = []
@@ -67,6 +67,7 @@ class EtoLoop:
             )
 
     def _choose_envs(self) -> list[str]:
+        from fasteto.envs import EnvSetupError
         from fasteto.envs.alfworld import find_data
 
         names = self.cfg.envs.names
@@ -80,7 +81,7 @@ class EtoLoop:
             return list(names)
         try:
             find_data(self.cfg.envs.alfworld_data)
-        except Exception as exc:
+        except EnvSetupError as exc:
             print(f"ALFWorld skipped (not asked for explicitly): {exc}\nGoing on with ScienceWorld alone.")
             return ["sciworld"]
         return ["sciworld", "alfworld"]
@@ -97,7 +98,8 @@ class EtoLoop:
 
     # The algorithm ---------------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, run_folder: RunFolder) -> None:
+        self.run_folder = run_folder
         cfg = self.cfg
         experts = self._phase("experts", self._experts) if cfg.mode != "self-play" else {}
         self._evaluate("base", self.base_model)

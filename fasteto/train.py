@@ -75,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     from fasteto.loop import EtoLoop
 
     try:
+        loop = EtoLoop(cfg)
+        loop.prepare()  # every check that can fail, before the run folder is touched
         run = RunFolder(cfg.run_dir, to_dict(cfg))
-        loop = EtoLoop(cfg, run)
-        loop.prepare()
     except (RunFolderError, EnvSetupError, ValueError) as exc:
         print(f"fasteto.train: error: {exc}", file=sys.stderr)
         return 2
     start = time.time()
-    loop.run()
+    loop.run(run)
     print(f"\nrun folder: {run.path} ({time.time() - start:.0f} s this time)")
     return 0
 

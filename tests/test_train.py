@@ -139,6 +139,7 @@ def test_unknown_task_id_is_refused_before_work(tmp_path, tiny_model_dir, capsys
     ]
     assert main(argv) == 2
     assert "envs.train_ids: unknown task ids ['99_1']" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 
 def test_batch_sizes_fit_small_data_and_divide():
