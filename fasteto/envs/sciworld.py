@@ -170,7 +170,7 @@ class SciWorldEnv(TextEnv):
 
     def _act(self, action: str) -> tuple[str, float, bool, bool]:
         # The simulator's server directly: ScienceWorldEnv.step() also lists every valid action at each
-        # step, which costs 2-10x the step itself and is not used here.
+        # step, a second round of work in the JVM that fasteto does not use.
         server = self._sw.server
         observation = self._call(lambda: server.step(action))
         score = self._call(lambda: server.getScore())
