@@ -134,9 +134,9 @@ class SciWorldEnv(TextEnv):
                 pass
             self._sw = None
 
-    def jvm_pid(self) -> int:
-        """The simulator's process id (tests kill it to check recovery)."""
-        return self._sw._gateway.java_process.pid
+    def jvm_process(self):
+        """The simulator's JVM (a ``subprocess.Popen``; tests kill it to check recovery)."""
+        return self._sw._gateway.java_process
 
     # Engine hooks --------------------------------------------------------------------------------
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 
 from fasteto.envs.base import INVALID_FORMAT, EnvSetupError
@@ -59,8 +56,9 @@ def test_killed_jvm_is_restarted_and_the_episode_goes_on(sciworld_env):
     for action in actions[:half]:
         sciworld_env.step(expert_reply("sciworld", action))
     restarts = sciworld_env.restarts
-    os.kill(sciworld_env.jvm_pid(), signal.SIGKILL)
-    os.waitpid(sciworld_env.jvm_pid(), 0)
+    jvm = sciworld_env.jvm_process()
+    jvm.kill()  # SIGKILL
+    jvm.wait(timeout=60)
     for action in actions[half:]:
         step = sciworld_env.step(expert_reply("sciworld", action))
         if step.done:
