@@ -131,7 +131,8 @@ class _Explorer:
                     results = self._map(pool, self._step, live, replies)
                     self.report.env_steps += len(live)
                     bar.update(sum(self._settle(i, r, queue) for i, r in zip(live, results, strict=True)))
-                    bar.set_postfix(steps_per_s=f"{self.report.env_steps / (time.time() - start):.1f}")
+                    rate = self.report.env_steps / (time.time() - start)
+                    bar.set_postfix(steps_per_s=f"{rate:.1f}", refresh=False)  # shown at the bar's own pace
         finally:
             bar.close()
             for env in self.envs:
