@@ -17,7 +17,13 @@ import torch
 
 from fasteto.config import RunConfig
 from fasteto.data.formats import read_trajectories, write_pairs, write_trajectories
-from fasteto.data.pairs import DEFAULT_MAX_EXTRA_MESSAGES, build_pairs, build_rft_set, build_self_play_pairs
+from fasteto.data.pairs import (
+    DEFAULT_MAX_EXTRA_MESSAGES,
+    build_pairs,
+    build_rft_set,
+    build_self_play_pairs,
+    parse_max_extra,
+)
 from fasteto.data.types import Pair, Trajectory
 from fasteto.run import RunFolder
 
@@ -57,14 +63,11 @@ class EtoLoop:
         self.base_model = resolve_model(self.cfg.model.name)
         self.tokenizer = load_tokenizer(self.base_model)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.model.dtype]
-        if (
-            self.cfg.dpo.max_extra_messages not in ("auto", "none")
-            and not self.cfg.dpo.max_extra_messages.isdigit()
-        ):
-            raise ValueError(
-                f"dpo.max_extra_messages: {self.cfg.dpo.max_extra_messages!r} is not a number, "
-                "'none' or 'auto'"
-            )
+        try:
+            for env in self.envs:
+                self._max_extra(env)
+        except ValueError as exc:
+            raise ValueError(f"dpo.max_extra_messages: {exc}") from None
 
     def _choose_envs(self) -> list[str]:
         from fasteto.envs import EnvSetupError
@@ -228,7 +231,7 @@ class EtoLoop:
 
     def _max_extra(self, env: str) -> int | None:
         value = self.cfg.dpo.max_extra_messages
-        return DEFAULT_MAX_EXTRA_MESSAGES[env] if value == "auto" else None if value == "none" else int(value)
+        return DEFAULT_MAX_EXTRA_MESSAGES[env] if value == "auto" else parse_max_extra(value)
 
     def _sft(self, name: str, items: list[Trajectory], start: Path | str | None = None) -> str:
         from fasteto.data.tokenize import tokenize_trajectories

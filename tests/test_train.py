@@ -149,3 +149,19 @@ def test_batch_sizes_fit_small_data_and_divide():
     assert batch_sizes(5, 64, 4) == (5, 1)  # 5 items: one step of 5, micro batches of 1
     assert batch_sizes(6, 64, 4) == (6, 3)
     assert batch_sizes(0, 32, 2) == (1, 1)
+
+
+def test_bad_cut_option_is_refused_before_work(tmp_path, tiny_model_dir, capsys):
+    argv = [
+        "--model.name",
+        str(tiny_model_dir),
+        "--run_dir",
+        str(tmp_path / "run"),
+        "--envs.names",
+        "sciworld",
+        "--dpo.max_extra_messages",
+        "ten",
+    ]
+    assert main(argv) == 2
+    assert "dpo.max_extra_messages: --max-extra-messages: got 'ten'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -11,18 +11,32 @@ from fasteto.envs.base import EnvCrashedError, EnvSetupError, Prompt, Step, Text
 ENV_NAMES = ("sciworld", "alfworld")
 
 
-def make_env(name: str, **kwargs) -> TextEnv:
-    """Start environment ``name``; ``kwargs`` go to its constructor (``data=`` for ALFWorld)."""
+def env_class(name: str) -> type[TextEnv]:
+    """The class of environment ``name``, imported on demand."""
     if name == "sciworld":
         from fasteto.envs.sciworld import SciWorldEnv
 
-        return SciWorldEnv(**kwargs)
+        return SciWorldEnv
     if name == "alfworld":
         from fasteto.envs.alfworld import AlfWorldEnv
 
-        return AlfWorldEnv(**kwargs)
+        return AlfWorldEnv
     raise ValueError(f"unknown environment {name!r}; choose one of {', '.join(ENV_NAMES)}")
 
 
-__all__ = ["ENV_NAMES", "EnvCrashedError", "EnvSetupError", "Prompt", "Step", "TextEnv", "make_env",
-           "parse_action"]
+def make_env(name: str, **kwargs) -> TextEnv:
+    """Start environment ``name``; ``kwargs`` go to its constructor (``data=`` for ALFWorld)."""
+    return env_class(name)(**kwargs)
+
+
+__all__ = [
+    "ENV_NAMES",
+    "EnvCrashedError",
+    "EnvSetupError",
+    "Prompt",
+    "Step",
+    "TextEnv",
+    "env_class",
+    "make_env",
+    "parse_action",
+]

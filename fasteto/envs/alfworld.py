@@ -140,8 +140,9 @@ class AlfWorldEnv(TextEnv):
         so it never searches. Fast Downward takes under 10 s on most games but minutes on some.
         "handcoded": ALFWorld's scripted expert, which searches receptacles as an agent would but often
         gets lost; each of 5 attempts seeds its random choices from the task id.
-        "auto" (default): the planner, and the hand-coded expert for games where the planner runs out of
-        its ``expert_timeout`` seconds. Raises ValueError with the reasons when no winning plan is found.
+        "auto" (default): the planner, and the hand-coded expert for games where the planner fails or
+        runs out of its ``expert_timeout`` seconds.
+        Raises ValueError with the reasons when no winning plan is found.
         """
         reasons: list[str] = []
         if self.expert in ("planner", "auto"):

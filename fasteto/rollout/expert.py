@@ -13,6 +13,7 @@ loop's first use, reads the cache and solves only what is missing; a kill loses 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -26,12 +27,13 @@ from pathlib import Path
 
 from fasteto.data.formats import trajectory_from_record
 from fasteto.data.types import Trajectory
-from fasteto.envs import EnvCrashedError, TextEnv, make_env
+from fasteto.envs import EnvCrashedError, TextEnv, env_class, make_env
 from fasteto.envs.base import load_prompt
 from fasteto.rollout.thoughts import expert_reply
 from fasteto.utils.io import atomic_write_json
 
 FORMAT_VERSION = "2"
+_NOT_SHAPING = ("data", "max_restarts")  # env options that do not change a solved trajectory
 POOL_ATTEMPTS = 3  # pools started per run when worker processes die
 
 
@@ -45,8 +47,12 @@ def default_cache_dir() -> Path:
 def cache_version(env_name: str, env_kwargs: dict | None = None) -> str:
     """A digest of the inputs that shape a stored expert trajectory (format, instruction message, thought
     templates, the choice of expert); a change makes a new cache. Neither the in-context example (not
-    stored in trajectories) nor the data folder is part of it."""
-    options = sorted((k, str(v)) for k, v in (env_kwargs or {}).items() if k != "data")
+    stored in trajectories) nor the data folder is part of it. Options left out take the constructor's
+    defaults, so ``{}`` and ``{"expert": "auto"}`` share one cache."""
+    params = inspect.signature(env_class(env_name)).parameters
+    options = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    options.update(env_kwargs or {})
+    options = sorted((k, str(v)) for k, v in options.items() if k not in _NOT_SHAPING)
     parts = [FORMAT_VERSION, str(options), load_prompt(env_name).instruction,
              resources.files("fasteto").joinpath("rollout/thoughts.py").read_text()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]

@@ -56,3 +56,9 @@ def test_report_groups_drop_reasons():
         "c": "no plan: expert gave up (Timeout)"})
     assert report.drop_reasons() == {"plan longer than the step limit": 2, "no plan": 1}
     assert "dropped: 2 x plan longer than the step limit" in report.summary()
+
+
+def test_cache_key_fills_defaults_and_ignores_the_data_folder():
+    assert cache_version("alfworld") == cache_version("alfworld", {"expert": "auto", "data": "/somewhere"})
+    assert cache_version("alfworld", {"expert": "planner"}) != cache_version("alfworld")
+    assert cache_version("sciworld") == cache_version("sciworld", {"max_restarts": 9})
