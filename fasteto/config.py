@@ -234,10 +234,16 @@ class ExploreConfig:
     samples: int = _help("episodes per task when exploring in self-play mode", 2)
     max_context: int | None = _help("prompt + reply tokens; older turns are dropped beyond (none: no cap)",
                                     None)
-    engine: typing.Literal["kv", "plain"] = _help(
-        "policy engine: kv (keeps each episode's KV cache between turns) or plain (re-encodes every turn)",
-        "kv")
+    engine: typing.Literal["kv", "plain", "sglang"] = _help(
+        "policy engine: kv (keeps each episode's KV cache between turns), plain (re-encodes every turn) "
+        "or sglang (GPU nodes; pip install 'fasteto[sglang]')", "kv")
     cache_tokens: int = _help("tokens of KV the kv engine keeps between turns", 65536)
+    sglang_url: str | None = _help("a running SGLang server (started with --skip-tokenizer-init) to use "
+                                   "instead of starting one in this process", None)
+    sglang_tp: int = _help("tensor-parallel GPUs of the SGLang engine", 1)
+    sglang_dp: int = _help("data-parallel replicas of the SGLang engine", 1)
+    sglang_memory: float = _help("GPU memory fraction SGLang keeps (weights + KV); training uses the rest",
+                                 0.4)
 
 
 @dataclasses.dataclass

@@ -68,6 +68,21 @@ class EtoLoop:
                 self._max_extra(env)
         except ValueError as exc:
             raise ValueError(f"dpo.max_extra_messages: {exc}") from None
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        """An engine that cannot start is an error now, before any phase runs."""
+        import importlib.util
+
+        from fasteto.rollout.sglang_engine import INSTALL_HINT
+
+        if self.cfg.explore.engine == "sglang" and not self.cfg.explore.sglang_url:
+            if importlib.util.find_spec("sglang") is None:
+                raise ValueError(f"explore.engine sglang: the sglang package is missing; {INSTALL_HINT}, or "
+                                 "pass --explore.sglang_url of a running server")
+            if not torch.cuda.is_available():
+                raise ValueError("explore.engine sglang needs a CUDA GPU; on this machine use "
+                                 "--explore.engine kv")
 
     def _choose_envs(self) -> list[str]:
         from fasteto.envs import EnvSetupError
@@ -187,28 +202,25 @@ class EtoLoop:
 
         engine = self._engine(policy)
         self_play = self.cfg.mode == "self-play"
-        samples = self.cfg.explore.samples if self_play else 1
+        gen = GenerationConfig(
+            max_new_tokens=self.cfg.explore.max_new_tokens,
+            greedy=self.cfg.explore.greedy and not self_play,
+            temperature=self.cfg.explore.temperature,
+            seed=self.cfg.seed,
+        )
         files = {}
         for env in self.envs:
-            items = []
-            for s in range(samples):
-                gen = GenerationConfig(
-                    max_new_tokens=self.cfg.explore.max_new_tokens,
-                    greedy=self.cfg.explore.greedy and not self_play,
-                    temperature=self.cfg.explore.temperature,
-                    seed=self.cfg.seed + 1000 * s,
-                )
-                store = self.run_folder.file(f"iter-{k}", f"explored_{env}_{s}.jsonl")
-                report = explore(
-                    self._env_factory(env),
-                    engine,
-                    self.tasks[env]["train"],
-                    store,
-                    gen,
-                    concurrency=self.cfg.explore.concurrency,
-                )
-                print(report.summary())
-                items += report.trajectories
+            report = explore(
+                self._env_factory(env),
+                engine,
+                self.tasks[env]["train"],
+                self.run_folder.file(f"iter-{k}", f"explored_{env}.jsonl"),
+                gen,
+                concurrency=self.cfg.explore.concurrency,
+                samples=self.cfg.explore.samples if self_play else 1,
+            )
+            print(report.summary())
+            items = report.trajectories
             path = self.run_folder.file(f"iter-{k}", f"explored_{env}.json")
             write_trajectories(path, items, "explored")
             files[env] = str(path)
@@ -330,10 +342,15 @@ class EtoLoop:
         return {"data": self.cfg.envs.alfworld_data} if env == "alfworld" else {}
 
     def _env_factory(self, env: str):
-        from fasteto.envs import make_env
+        """What the explorer calls to open one environment: in its own process when the environment
+        cannot step in threads (ALFWorld) and several episodes are in flight."""
+        from fasteto.envs import env_class, make_env
+        from fasteto.rollout.env_process import ProcessEnv
 
-        kwargs = self._env_kwargs(env)
-        return lambda: make_env(env, **kwargs)
+        factory = partial(make_env, env, **self._env_kwargs(env))
+        if env_class(env).parallel_safe or self.cfg.explore.concurrency == 1:
+            return factory
+        return partial(ProcessEnv, factory)
 
     def _train_config(self, n: int, global_batch: int, micro_batch: int, **stage: Any):
         from fasteto.trainer import TrainConfig
@@ -353,14 +370,37 @@ class EtoLoop:
         return load_model(path, dtype=self.dtype)
 
     def _engine(self, policy: Path | str):
+        """The policy engine for a phase. The transformers engines load ``policy`` afresh; the SGLang
+        engine is started once and loads each new policy into the running server."""
         from fasteto.rollout.engine import TransformersEngine
         from fasteto.rollout.kv_engine import KVCacheEngine
 
         opts = self.cfg.explore
+        if opts.engine == "sglang":
+            return self._sglang_engine(str(policy))
         common = {"batch_size": opts.concurrency, "max_context": opts.max_context}
         if opts.engine == "kv":
             return KVCacheEngine(self._load(policy), self.tokenizer, cache_tokens=opts.cache_tokens, **common)
         return TransformersEngine(self._load(policy), self.tokenizer, **common)
+
+    def _sglang_engine(self, policy: str):
+        from fasteto.rollout.sglang_engine import SGLangEngine
+
+        opts = self.cfg.explore
+        engine = getattr(self, "_sglang", None)
+        if engine is None:
+            if opts.sglang_url:
+                engine = SGLangEngine.server(opts.sglang_url, self.tokenizer, opts.max_context)
+                engine.load_policy(policy)
+            else:
+                engine = SGLangEngine.offline(
+                    policy, self.tokenizer, opts.max_context, tp_size=opts.sglang_tp, dp_size=opts.sglang_dp,
+                    mem_fraction_static=opts.sglang_memory)
+            self._sglang, self._sglang_policy = engine, policy
+        elif self._sglang_policy != policy:
+            engine.load_policy(policy)
+            self._sglang_policy = policy
+        return engine
 
     def _save(self, model, name: str) -> str:
         from fasteto.trainer import save_checkpoint

@@ -165,3 +165,17 @@ def test_bad_cut_option_is_refused_before_work(tmp_path, tiny_model_dir, capsys)
     assert main(argv) == 2
     assert "dpo.max_extra_messages: --max-extra-messages: got 'ten'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_sglang_engine_without_sglang_or_gpu_is_refused_before_work(tmp_path, tiny_model_dir, capsys):
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("sglang") is not None and torch.cuda.is_available():
+        pytest.skip("sglang and a GPU are both here: the engine would start")
+    argv = ["--model.name", str(tiny_model_dir), "--run_dir", str(tmp_path / "run"), "--envs.names",
+            "sciworld", "--explore.engine", "sglang"]
+    assert main(argv) == 2
+    assert "explore.engine sglang" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -26,6 +26,14 @@ ROLES = {HUMAN: "user", GPT: "assistant"}
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
+class TransientEngineError(RuntimeError):
+    """An engine failure that may pass if the call is made again (a server restarting, a dropped
+    connection). The explorer retries these; any other error from an engine ends the call at once."""
+
+
+RETRYABLE_ERRORS = (TransientEngineError, ConnectionError, TimeoutError)
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How replies are decoded. ETO explores and evaluates greedily with at most 512 new tokens.

@@ -2,14 +2,20 @@
 
 Up to ``concurrency`` episodes are in flight, each in its own environment. Every round the engine writes
 the next reply of all live episodes in one batched call, then every environment applies its reply (in
-threads: a ScienceWorld step waits on its own JVM). A finished episode is appended to a JSON Lines store
-straight away and its slot takes the next task, so the batch stays full until the tasks run out.
+threads: a ScienceWorld step waits on its own JVM; ALFWorld, which cannot step in threads, runs each
+environment in its own process through ``ProcessEnv``). A finished episode is appended to a JSON Lines
+store straight away and its slot takes the next task, so the batch stays full until the tasks run out.
+With ``samples=K`` every task is played K times (sampled decoding: self-play, best-of-N); the K episodes
+of a task are in flight together, and each record carries its ``sample`` number.
 
 The engine reads what ETO's agent read: instruction exchange, the one-shot example, the task, then the
 episode so far. The store keeps ETO's layout (the example is not stored; see ``fasteto.data.types``)
 plus the reward: an explored record. A rerun reads the store and plays only the tasks not in it, so a
 kill (even ``kill -9``) loses no finished episode. An environment that keeps crashing is retried twice
-from scratch, then recorded with reward null, which the pair builder skips.
+from scratch, then recorded with reward null, which the pair builder skips. An engine call that raises is
+that raises a retryable error (``TransientEngineError``, a connection error, a timeout) is made again up
+to twice, each retry counted; any other engine error ends the call at once. Finished episodes are stored
+either way.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from pathlib import Path
 from fasteto.data.formats import append_jsonl, read_jsonl_tolerant, trajectory_from_record
 from fasteto.data.types import GPT, HUMAN, Message, Trajectory, message
 from fasteto.envs.base import ACK, EnvCrashedError, Step, TextEnv
-from fasteto.rollout.engine import GenerationConfig, PolicyEngine
+from fasteto.rollout.engine import RETRYABLE_ERRORS, GenerationConfig, PolicyEngine
 
 MAX_RETRIES = 2  # an episode whose environment crashes is played again from scratch this many times
+ENGINE_RETRIES = 2  # a failed engine call (e.g. a dropped connection to a server) is retried this often
 
 
 @dataclass
@@ -38,14 +45,15 @@ class ExploreReport:
     new_episodes: int = 0  # recorded by this call (crashed ones with reward null included)
     resumed: int = 0  # found in the store at the start, not played again
     crashes: int = 0  # episodes lost to an EnvCrashedError (each retried or recorded as null)
+    engine_retries: int = 0  # engine calls that raised and were made again
     env_steps: int = 0
     seconds: float = 0.0
 
     def summary(self) -> str:
         rate = self.env_steps / self.seconds if self.seconds else 0.0
         return (f"{len(self.trajectories)} trajectories ({self.new_episodes} new, {self.resumed} resumed), "
-                f"{self.crashes} env crashes, {self.env_steps} env steps in {self.seconds:.0f} s "
-                f"({rate:.1f} steps/s)")
+                f"{self.crashes} env crashes, {self.engine_retries} engine retries, {self.env_steps} env "
+                f"steps in {self.seconds:.0f} s ({rate:.1f} steps/s)")
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class _Episode:
     """One task in flight in one slot: what the engine reads, and the attempt number."""
 
     task_id: str
+    sample: int | None = None  # which of a task's K samples (None when each task is played once)
     attempt: int = 0
     context: list[Message] = field(default_factory=list)  # instruction, OK, example, task
     turns: list[Message] = field(default_factory=list)  # replies and observations so far
@@ -71,32 +80,47 @@ class _Episode:
 
 
 def explore(make_env: Callable[[], TextEnv], engine: PolicyEngine, task_ids: list[str], store: Path,
-            gen: GenerationConfig, concurrency: int = 4, progress: bool = True) -> ExploreReport:
-    """Play each of ``task_ids`` once with ``engine`` and append each episode to ``store`` (JSONL).
+            gen: GenerationConfig, concurrency: int = 4, progress: bool = True,
+            samples: int = 1) -> ExploreReport:
+    """Play each of ``task_ids`` ``samples`` times with ``engine``; append each episode to ``store``.
 
-    Task ids already in ``store`` are skipped (resume); duplicates in ``task_ids`` are played once.
+    Episodes already in ``store`` are skipped (resume); duplicates in ``task_ids`` are played once.
     ``make_env`` is called at most ``concurrency`` times, lazily; the environments are closed at the end.
-    With a sampling seed, round ``r`` of the call samples with seed ``gen.seed + r``.
+    With a sampling seed, round ``r`` of the call samples with seed ``gen.seed + r``. With ``samples > 1``
+    each record has a ``sample`` field (0 .. samples-1) and ``report.trajectories`` lists every sample of
+    a task together, tasks in order.
     """
+    if samples < 1:
+        raise ValueError(f"samples must be ≥ 1, got {samples}")
     start = time.time()
     store = Path(store)
     order = list(dict.fromkeys(str(t) for t in task_ids))
-    done = {str(r.get("id")) for r in read_jsonl_tolerant(store)} & set(order)
+    wanted = [(t, s if samples > 1 else None) for t in order for s in range(samples)]
+    done = set(_stored(store)) & set(wanted)
     report = ExploreReport(trajectories=[], resumed=len(done))
-    queue = deque(_Episode(t) for t in order if t not in done)
+    queue = deque(_Episode(t, sample) for t, sample in wanted if (t, sample) not in done)
     if queue:
         _Explorer(make_env, engine, store, gen, min(concurrency, len(queue)), report).run(queue, progress)
-    report.trajectories = stored_trajectories(store, order)
+    found = _stored(store)
+    report.trajectories = [found[key] for key in wanted if key in found]
     report.seconds = time.time() - start
     return report
+
+
+def _stored(store: Path) -> dict[tuple[str, int | None], Trajectory]:
+    """The first stored record of each (task id, sample number or None)."""
+    first: dict[tuple[str, int | None], Trajectory] = {}
+    for i, record in enumerate(read_jsonl_tolerant(store)):
+        trajectory = trajectory_from_record(record, "explored", str(store), i)
+        first.setdefault((trajectory.key, trajectory.extra.get("sample")), trajectory)
+    return first
 
 
 def stored_trajectories(store: Path, task_ids: list[str]) -> list[Trajectory]:
     """The first stored record of each of ``task_ids`` that has one, in the order of ``task_ids``."""
     first: dict[str, Trajectory] = {}
-    for i, record in enumerate(read_jsonl_tolerant(store)):
-        trajectory = trajectory_from_record(record, "explored", str(store), i)
-        first.setdefault(trajectory.key, trajectory)
+    for key, trajectory in _stored(store).items():
+        first.setdefault(key[0], trajectory)
     return [first[t] for t in map(str, task_ids) if t in first]
 
 
@@ -125,8 +149,8 @@ class _Explorer:
                     live = [i for i, ep in enumerate(self.slots) if ep is not None]
                     if not live:
                         continue
-                    replies = self.engine.generate([self.slots[i].conversation() for i in live],
-                                                   self._round_config(rounds))
+                    replies = self._generate([self.slots[i].conversation() for i in live],
+                                             self._round_config(rounds))
                     rounds += 1
                     results = self._map(pool, self._step, live, replies)
                     self.report.env_steps += len(live)
@@ -138,6 +162,18 @@ class _Explorer:
             for env in self.envs:
                 if env is not None:
                     env.close()
+
+    def _generate(self, conversations: list[list[Message]], gen: GenerationConfig) -> list[str]:
+        """One engine call, made again up to ``ENGINE_RETRIES`` times if it raises a retryable error."""
+        for attempt in range(ENGINE_RETRIES + 1):
+            try:
+                return self.engine.generate(conversations, gen)
+            except RETRYABLE_ERRORS as error:
+                if attempt == ENGINE_RETRIES:
+                    raise RuntimeError(f"the policy engine failed {attempt + 1} times in a row; finished "
+                                       f"episodes are in {self.store}, a rerun resumes after them") from error
+                self.report.engine_retries += 1
+        raise AssertionError("unreachable")
 
     def _round_config(self, rounds: int) -> GenerationConfig:
         if self.gen.greedy or self.gen.seed is None:
@@ -190,7 +226,7 @@ class _Explorer:
         if not result.done:
             return 0
         episode, env = self.slots[slot], self.envs[slot]
-        self._record(env.trajectory(extra=env.record_extra(episode.task_id)))
+        self._record(env.trajectory(extra=_extra(env, episode)))
         self.slots[slot] = None
         return 1
 
@@ -203,7 +239,7 @@ class _Explorer:
         with suppress(Exception):  # the engine is dead already; a failing close changes nothing
             env.close()
         if episode.attempt < MAX_RETRIES:
-            queue.appendleft(_Episode(episode.task_id, attempt=episode.attempt + 1))
+            queue.appendleft(_Episode(episode.task_id, episode.sample, attempt=episode.attempt + 1))
             return 0
         self._record(_crashed_trajectory(episode, env))
         return 1
@@ -220,7 +256,15 @@ def _crashed_trajectory(episode: _Episode, env: TextEnv) -> Trajectory:
         head.append(episode.context[-1])  # the task message
     turns = episode.turns[:-1] if episode.turns else []  # the trailing observation is dropped
     return Trajectory(id=episode.task_id, conversations=head + turns, reward=None,
-                      extra=env.record_extra(episode.task_id))
+                      extra=_extra(env, episode))
+
+
+def _extra(env: TextEnv, episode: _Episode) -> dict:
+    """The record's fields beyond ETO's: the environment's own, and the sample number when K > 1."""
+    extra = dict(env.record_extra(episode.task_id))
+    if episode.sample is not None:
+        extra["sample"] = episode.sample
+    return extra
 
 
 def evaluate(make_env: Callable[[], TextEnv], engine: PolicyEngine, task_ids: list[str], store: Path,
