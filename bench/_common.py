@@ -77,23 +77,50 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> tuple[i
     records every CPU allocator allocation and free (``profile_memory=True``); their running sum in time
     order peaks at the answer. Both count tensor memory only (not allocator caching or Python objects).
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
-    return _cpu_peak(fn), "torch.profiler allocation events (profile_memory=True), running sum"
+    meter = MemoryMeter(device)
+    meter.start()
+    fn()
+    return meter.stop()
 
 
-def _cpu_peak(fn: Callable[[], object]) -> int:
+class MemoryMeter:
+    """``peak_memory`` split in two calls, for a window that a callback opens (e.g. at the end of a
+    training loop's warm-up step): ``start()``, then ``stop() -> (peak bytes above what was live at
+    start(), method)``. CUDA: synchronises at both ends. CPU: the window runs under torch's profiler."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._base = 0
+        self._profiler = None
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.start()
+
+    def stop(self) -> tuple[int, str]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            return peak, "torch.cuda.max_memory_allocated"
+        if self._profiler is None:
+            raise RuntimeError("MemoryMeter.stop() called before start()")
+        self._profiler.stop()
+        peak = _cpu_peak(self._profiler)
+        self._profiler = None
+        return peak, "torch.profiler allocation events (profile_memory=True), running sum"
+
+
+def _cpu_peak(prof) -> int:
+    """Peak of the running sum of the CPU allocations and frees a stopped profiler recorded."""
     from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()

@@ -67,7 +67,10 @@ def capped_env_factory(turns: int):
     return Capped
 
 
-@pytest.mark.parametrize(("model_name", "turns", "who"), CASES, ids=[f"{m}-{t}turns-{w}" for m, t, w in CASES])
+IDS = [f"{m}-{t}turns-{w}" for m, t, w in CASES]
+
+
+@pytest.mark.parametrize(("model_name", "turns", "who"), CASES, ids=IDS)
 def test_explore(benchmark, bench_report, models, model_name, turns, who):
     if shutil.which("java") is None:
         pytest.skip("ScienceWorld needs Java 17")

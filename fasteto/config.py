@@ -199,25 +199,48 @@ class EnvsConfig:
 
 
 @dataclasses.dataclass
-class SFTConfig:
+class TrainerOptions:
+    """How a stage trains; both SFT and DPO have these (``--sft.trainer plain``, ``--dpo.lora_rank 16``)."""
+
+    trainer: typing.Literal["fast", "plain"] = _help(
+        "fast: packed shared-prefix token trees, tree attention and fused log-probs; plain: the padded "
+        "reference trainer (same losses)", "fast")
+    token_budget: int = _help("fast trainer: packed tokens per micro-batch (micro_batch is not used); "
+                              "must hold the longest sequence or pair", 8192)
+    attn_impl: typing.Literal["auto", "reference", "flex", "varlen", "varlen_eager"] = _help(
+        "fast trainer: tree attention backend; auto: varlen (FlashAttention) or flex on CUDA, reference "
+        "elsewhere", "auto")
+    logprob_impl: typing.Literal["auto", "triton", "torch", "reference"] = _help(
+        "fast trainer: fused log-prob backend; auto: triton on CUDA, torch elsewhere", "auto")
+    gradient_checkpointing: bool = _help(
+        "recompute each decoder layer in backward: less memory, more compute", False)
+    lora_rank: int = _help("LoRA rank; 0: train every weight. Checkpoints hold the merged weights", 0)
+    lora_alpha: float = _help("LoRA alpha: the adapter's update is scaled by alpha / rank", 32.0)
+    lora_dropout: float = _help("dropout on the LoRA adapters' input", 0.0)
+    lora_targets: list[str] = _help("linear modules LoRA adapts",
+                                    factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclasses.dataclass
+class SFTConfig(TrainerOptions):
     lr: float = _help("learning rate", 2e-5)
     epochs: int = _help("epochs", 3)
     global_batch: int = _help("sequences per optimizer step", 64)
-    micro_batch: int = _help("sequences per forward pass", 1)
+    micro_batch: int = _help("plain trainer: sequences per forward pass", 1)
     warmup_ratio: float = _help("linear warmup, then cosine decay", 0.03)
     max_length: int = _help("tokens per sequence; longer ones are cut at the end", 4096)
 
 
 @dataclasses.dataclass
-class DPOConfig:
+class DPOConfig(TrainerOptions):
     lr: list[float] = _help("learning rate of iteration 1, 2, ... (the last repeats)",
                             factory=lambda: [1e-6, 5e-7])
     beta: list[float] = _help("DPO beta of iteration 1, 2, ... (the last repeats)",
                               factory=lambda: [0.1, 0.5])
-    loss: typing.Literal["sigmoid", "ipo", "sigmoid_norm"] = _help("preference loss", "sigmoid")
+    loss: typing.Literal["sigmoid", "ipo", "sigmoid_norm", "hinge"] = _help("preference loss", "sigmoid")
     epochs: int = _help("epochs per iteration", 3)
     global_batch: int = _help("pairs per optimizer step", 32)
-    micro_batch: int = _help("pairs per forward pass", 1)
+    micro_batch: int = _help("plain trainer: pairs per forward pass", 1)
     warmup_ratio: float = _help("linear warmup, then constant", 0.1)
     max_prompt: int = _help("prompt tokens kept (its end)", 512)
     max_target: int = _help("chosen / rejected tokens kept (their start)", 3072)

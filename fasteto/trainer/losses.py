@@ -138,6 +138,27 @@ def dpo_sigmoid_norm_loss(
     )
 
 
+def hinge_loss(
+    pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, Metrics]:
+    """Hinge loss on the DPO log-ratio margin, as SLiC-HF's calibration loss (Zhao et al. 2023,
+    "SLiC-HF: Sequence Likelihood Calibration with Human Feedback", arXiv 2305.10425) with the reference
+    log-ratio subtracted, as TRL's ``loss_type="hinge"``:
+
+    loss = max(0, 1 − β·((π_c − ref_c) − (π_r − ref_r)))
+
+    A pair stops contributing once its β-scaled margin reaches 1. Shapes and returns as in
+    ``dpo_sigmoid_loss``; rewards are β·(π − ref).
+    """
+    chosen_rewards = beta * (pol_c.float() - ref_c.float())
+    rejected_rewards = beta * (pol_r.float() - ref_r.float())
+    loss = torch.relu(1.0 - (chosen_rewards - rejected_rewards)).mean()
+    return loss, _reward_metrics(chosen_rewards, rejected_rewards)
+
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "sigmoid_norm", "hinge")
+
+
 def preference_loss(
     name: str,
     pol_c: torch.Tensor,
@@ -148,12 +169,14 @@ def preference_loss(
     n_c: torch.Tensor,
     n_r: torch.Tensor,
 ) -> tuple[torch.Tensor, Metrics]:
-    """The loss ``TrainConfig.loss`` names: "sigmoid", "ipo" or "sigmoid_norm" (token counts are used
-    only by "sigmoid_norm")."""
+    """The loss ``TrainConfig.loss`` names: one of ``PREFERENCE_LOSSES`` (token counts are used only by
+    "sigmoid_norm")."""
     if name == "sigmoid":
         return dpo_sigmoid_loss(pol_c, pol_r, ref_c, ref_r, beta)
     if name == "ipo":
         return ipo_loss(pol_c, pol_r, ref_c, ref_r, beta)
     if name == "sigmoid_norm":
         return dpo_sigmoid_norm_loss(pol_c, pol_r, ref_c, ref_r, beta, n_c, n_r)
-    raise ValueError(f"unknown preference loss {name!r}: choose 'sigmoid', 'ipo' or 'sigmoid_norm'")
+    if name == "hinge":
+        return hinge_loss(pol_c, pol_r, ref_c, ref_r, beta)
+    raise ValueError(f"unknown preference loss {name!r}: choose one of {', '.join(PREFERENCE_LOSSES)}")

@@ -1,5 +1,6 @@
-"""The reference trainer on a tiny random Llama: schedule, accumulation, SFT/DPO runs, NaN handling,
-checkpoints and exact resume."""
+"""The training loop on a tiny random Llama, with both trainers ("plain" and "fast"): schedule,
+accumulation, SFT/DPO runs, NaN handling, checkpoints and exact resume. That the two trainers compute the
+same thing is tests/trainer/test_packed.py's job."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import transformers
 from tiny import tiny_llama
 
 from fasteto.data.tokenized import TokenizedPair, TokenizedSequence
+from fasteto.packing import plan_micro_batches
 from fasteto.trainer import (
     NonFiniteLossError,
     TrainConfig,
@@ -97,34 +99,54 @@ def test_config_presets_and_validation() -> None:
     assert (d1.lr, d1.beta, d1.global_batch, d1.schedule, d1.warmup_ratio) == (1e-6, 0.1, 32, "constant", 0.1)
     assert (d2.lr, d2.beta, d2.micro_batch) == (5e-7, 0.5, 4)
     with pytest.raises(ValueError, match="must divide"):
-        train_sft(tiny_llama(), make_seqs([5]), TrainConfig(global_batch=3, micro_batch=2))
+        train_sft(tiny_llama(), make_seqs([5]), TrainConfig(global_batch=3, micro_batch=2, trainer="plain"))
+    TrainConfig(global_batch=3, micro_batch=2, trainer="fast").validate()  # micro_batch unused by "fast"
+    for bad, message in (
+        ({"trainer": "slow"}, "trainer must be 'fast' or 'plain', got 'slow'"),
+        ({"token_budget": 0}, "token_budget must be a positive number of tokens, got 0"),
+        ({"attn_impl": "flash"}, "attn_impl must be one of 'auto', 'reference'.*got 'flash'"),
+        ({"logprob_impl": "cuda"}, "logprob_impl must be one of 'auto', 'triton'.*got 'cuda'"),
+        ({"loss": "kto"}, "loss must be one of 'sigmoid', 'ipo', 'sigmoid_norm', 'hinge', got 'kto'"),
+        ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be True or False"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad).validate()
 
 
 # ---------------------------------------------------------------- training
 
 
-def test_sft_loss_decreases() -> None:
-    cfg = TrainConfig(lr=1e-2, epochs=6, global_batch=3, micro_batch=3, schedule="constant", warmup_ratio=0.0)
-    history = train_sft(tiny_llama(), make_seqs([9, 6, 12]), cfg)
+@pytest.mark.parametrize("trainer", ["plain", "fast"])
+def test_sft_loss_decreases(trainer: str) -> None:
+    cfg = TrainConfig(lr=1e-2, epochs=6, global_batch=3, micro_batch=3, schedule="constant", warmup_ratio=0.0,
+                      trainer=trainer)  # fmt: skip
+    seqs = make_seqs([9, 6, 12])
+    seqs[1].input_ids[:4] = seqs[0].input_ids[:4]  # a shared 4-token prefix: packed once by "fast"
+    history = train_sft(tiny_llama(), seqs, cfg)
     losses = [h["loss"] for h in history]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.7 * losses[0]
-    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "model_tokens"} <= set(
-        history[0]
-    )
-    assert history[0]["tokens"] == 27 and history[0]["model_tokens"] == 9 - 3 + 6 - 2 + 12 - 4
+    keys = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "model_tokens",
+            "tokens_plain", "tokens_plain_per_s"}  # fmt: skip
+    assert keys <= set(history[0])
+    assert history[0]["tokens"] == (27 if trainer == "plain" else 27 - 4) and history[0]["tokens_plain"] == 27
+    assert history[0]["model_tokens"] == 9 - 3 + 6 - 2 + 12 - 4
 
 
+@pytest.mark.parametrize("trainer", ["plain", "fast"])
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_accumulation_equals_one_big_batch(kind: str) -> None:
-    # one optimizer step over 4 items of different lengths: micro 2 × 2 accumulation vs micro 4 × 1
+def test_accumulation_equals_one_big_batch(kind: str, trainer: str) -> None:
+    # one optimizer step over 4 items of different lengths: plain: micro 2 × 2 accumulation vs micro 4 × 1;
+    # fast: a token budget that cuts the 4 items into 3 or more micro-batches vs one that holds them all
     seqs, pairs = make_seqs([5, 11, 7, 14], seed=3), make_pairs(4, seed=3)
     ref = reference_logps(tiny_llama(seed=9), pairs, pad_id=0, micro_batch_size=4)
+    records = seqs if kind == "sft" else pairs
+    assert len(plan_micro_batches(records, 16)) >= 3 and len(plan_micro_batches(records, 1000)) == 1
     runs = []
-    for micro in (2, 4):
+    for micro, budget in ((2, 16), (4, 1000)):
         model = tiny_llama()
         cfg = TrainConfig(lr=1e-3, epochs=1, global_batch=4, micro_batch=micro, schedule="constant",
-                          warmup_ratio=0.0, loss="sigmoid")  # fmt: skip
+                          warmup_ratio=0.0, loss="sigmoid", trainer=trainer, token_budget=budget)  # fmt: skip
         if kind == "sft":
             history = train_sft(model, seqs, cfg)
         else:
@@ -133,18 +155,22 @@ def test_accumulation_equals_one_big_batch(kind: str) -> None:
         runs.append((history[0], grads, params(model)))
     (h_a, g_a, p_a), (h_b, g_b, p_b) = runs
     assert h_a["loss"] == pytest.approx(h_b["loss"], rel=1e-6)
+    # AdamW's first step moves a weight by ≈ lr·g/(|g| + 1e-8): where |g| is near 1e-8, a rounding-level
+    # difference in g (packing changes the summation order) moves it by up to ~lr/100 differently
+    atol = 1e-6 if trainer == "plain" else 1e-5
     for k in g_a:
         torch.testing.assert_close(g_a[k], g_b[k], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(p_a[k], p_b[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p_a[k], p_b[k], rtol=1e-5, atol=atol)
     if kind == "dpo":
         assert h_a["rewards/margin"] == pytest.approx(h_b["rewards/margin"], rel=1e-5, abs=1e-7)
 
 
-def test_dpo_two_steps() -> None:
+@pytest.mark.parametrize("trainer", ["plain", "fast"])
+def test_dpo_two_steps(trainer: str) -> None:
     model = tiny_llama()
     pairs = make_pairs(4)
     ref = reference_logps(model, pairs, pad_id=0, micro_batch_size=2)
-    cfg = TrainConfig.dpo(1, lr=1e-3, global_batch=2, micro_batch=1, epochs=1)
+    cfg = TrainConfig.dpo(1, lr=1e-3, global_batch=2, micro_batch=1, epochs=1, trainer=trainer)
     history = train_dpo(model, pairs, ref, cfg)
     assert [h["step"] for h in history] == [1, 2]
     # step 1: the policy is the reference, every log-ratio is 0 → loss log 2, rewards 0
@@ -165,26 +191,31 @@ def test_dpo_two_steps() -> None:
 
 
 def _nan_after(model: torch.nn.Module, good_calls: int) -> None:
-    """Forward hook: logits become NaN after ``good_calls`` forward passes."""
+    """Forward hook on the final norm (both trainers run it): hidden states become NaN after
+    ``good_calls`` forward passes."""
     calls = [0]
 
     def hook(module, args, output):
         calls[0] += 1
-        if calls[0] > good_calls:
-            output.logits = output.logits * float("nan")
-        return output
+        return output * float("nan") if calls[0] > good_calls else output
 
-    model.register_forward_hook(hook)
+    model.model.norm.register_forward_hook(hook)
 
 
-def test_nan_loss_names_step_ids_and_checkpoint(tmp_path) -> None:
+@pytest.mark.parametrize("trainer", ["plain", "fast"])
+def test_nan_loss_names_step_ids_and_checkpoint(tmp_path, trainer: str) -> None:
     seqs = make_seqs([6, 7, 8, 9])
-    cfg = TrainConfig(lr=1e-3, epochs=1, global_batch=2, micro_batch=1, save_every=1)
+    # fast: a budget of 12 tokens holds one sequence, so each micro-batch is one item as with micro_batch=1
+    cfg = TrainConfig(lr=1e-3, epochs=1, global_batch=2, micro_batch=1, save_every=1, trainer=trainer,
+                      token_budget=12)  # fmt: skip
     model = tiny_llama()
     _nan_after(model, good_calls=2)  # step 1 (2 micro-batches) is fine, step 2's first micro-batch is not
     with pytest.raises(NonFiniteLossError) as err:
         train_sft(model, seqs, cfg, checkpoint_dir=tmp_path)
-    culprit = seqs[epoch_order(4, cfg.seed, 0)[2]].id
+    second_step = epoch_order(4, cfg.seed, 0)[2:4]
+    # the planner runs a global batch's items in token order
+    first = second_step if trainer == "plain" else sorted(second_step, key=lambda i: seqs[i].input_ids)
+    culprit = seqs[first[0]].id
     msg = str(err.value)
     assert "step 2" in msg and repr(culprit) in msg and str(step_dir(tmp_path, 1)) in msg
     assert err.value.step == 2 and err.value.ids == [culprit]
@@ -218,12 +249,14 @@ def _run(kind: str, model, cfg, ckpt=None, resume=None):
     return train_dpo(model, pairs, ref, cfg, checkpoint_dir=ckpt, resume_from=resume)
 
 
+@pytest.mark.parametrize("trainer", ["plain", "fast"])
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_resume_gives_identical_losses(tmp_path, kind: str) -> None:
+def test_resume_gives_identical_losses(tmp_path, kind: str, trainer: str) -> None:
     # 5 items, global batch 3 → 2 steps per epoch (3 + 2 items), 2 epochs → 4 steps; the break falls at an
     # epoch boundary's far side: steps 1–2 are epoch 0, steps 3–4 epoch 1
-    cfg = TrainConfig(lr=1e-2, epochs=2, global_batch=3, micro_batch=1, beta=0.5,
-                      schedule="cosine" if kind == "sft" else "constant", warmup_ratio=0.25)  # fmt: skip
+    cfg = TrainConfig(lr=1e-2, epochs=2, global_batch=3, micro_batch=1, beta=0.5, trainer=trainer,
+                      token_budget=30, schedule="cosine" if kind == "sft" else "constant",
+                      warmup_ratio=0.25)  # fmt: skip
     full_model = tiny_llama()
     full = _run(kind, full_model, cfg)
     first = _run(kind, tiny_llama(), TrainConfig(**{**cfg.__dict__, "stop_at_step": 2}), ckpt=tmp_path)
@@ -237,3 +270,25 @@ def test_resume_gives_identical_losses(tmp_path, kind: str) -> None:
     assert rest[-1]["checkpoint"] == str(step_dir(tmp_path, 4))
     with pytest.raises(ValueError, match="resume with the same data"):
         _run(kind, tiny_llama(), TrainConfig(**{**cfg.__dict__, "epochs": 3}), resume=step_dir(tmp_path, 2))
+
+
+def test_run_config_offers_exactly_the_trainer_options() -> None:
+    # fasteto.config stays free of torch imports, so it spells the choices out; they must not drift
+    import typing
+
+    from fasteto.config import DPOConfig, SFTConfig, TrainerOptions
+    from fasteto.ops.logprob.api import IMPLS as LOGPROB_IMPLS
+    from fasteto.ops.tree_attention import IMPLS as ATTN_IMPLS
+    from fasteto.trainer import PREFERENCE_LOSSES
+    from fasteto.trainer.loop import TRAINERS
+
+    hints = typing.get_type_hints(DPOConfig)
+    assert set(typing.get_args(hints["trainer"])) == set(TRAINERS)
+    assert set(typing.get_args(hints["attn_impl"])) == set(ATTN_IMPLS)
+    assert set(typing.get_args(hints["logprob_impl"])) == set(LOGPROB_IMPLS)
+    assert set(typing.get_args(hints["loss"])) == set(PREFERENCE_LOSSES)
+    options, train = TrainerOptions(), TrainConfig()
+    assert (options.trainer, options.token_budget, options.attn_impl, options.logprob_impl,
+            options.gradient_checkpointing) == (train.trainer, train.token_budget, train.attn_impl,
+                                                train.logprob_impl, train.gradient_checkpointing)  # fmt: skip
+    assert issubclass(SFTConfig, TrainerOptions) and issubclass(DPOConfig, TrainerOptions)

