@@ -252,6 +252,8 @@ class DPOConfig(TrainerOptions):
 class ExploreConfig:
     max_new_tokens: int = _help("tokens per reply", 512)
     concurrency: int = _help("episodes in flight at once", 4)
+    max_steps: int | None = _help("end every episode after this many steps, below ETO's per-task limits "
+                                  "(none: ETO's limits)", None)
     temperature: float = _help("sampling temperature (self-play samples; exploration is greedy in ETO)", 0.7)
     greedy: bool = _help("greedy exploration, as the paper", True)
     samples: int = _help("episodes per task when exploring in self-play mode", 2)
@@ -289,7 +291,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "envs": {"train_tasks": 4, "test_tasks": 2},
         "sft": {"epochs": 2, "global_batch": 4, "max_length": 2048},
         "dpo": {"epochs": 1, "global_batch": 2, "lr": [5e-6], "max_target": 1536},
-        "explore": {"max_new_tokens": 48, "concurrency": 4, "max_context": 3072},
+        "explore": {"max_new_tokens": 48, "concurrency": 8, "max_context": 3072, "max_steps": 15},
     },
     # The paper: full splits, its hyperparameters, three iterations; for GPU nodes.
     "paper": {"iterations": 3, "envs": {"train_tasks": None, "test_tasks": None}},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -147,8 +148,12 @@ class EtoLoop:
             print(f"[{name}] done earlier; skipped")
             return self.run_folder.result(name)
         print(f"[{name}]")
+        start = time.perf_counter()
         result = fn()
+        seconds = time.perf_counter() - start
         self.run_folder.mark(name, result)
+        self.run_folder.log({"phase": name, "phase_seconds": round(seconds, 1)})
+        print(f"[{name}] finished in {seconds:.0f} s")
         return result
 
     def _experts(self) -> dict[str, str]:
@@ -174,22 +179,19 @@ class EtoLoop:
 
     def _evaluate(self, label: str, policy: Path | str) -> None:
         from fasteto.rollout.engine import GenerationConfig
-        from fasteto.rollout.explore import explore, summarise
+        from fasteto.rollout.explore import ExploreJob, explore_many, summarise
 
         def work() -> list[dict[str, Any]]:
-            engine = self._engine(policy)
+            # Every split of every environment in one call: all the episodes are in flight together.
+            splits = self.cfg.envs.splits
+            jobs = [ExploreJob(self._env_factory(env), [t for s in splits for t in self.tasks[env][s]],
+                               self.run_folder.file("eval", _slug(label), f"{env}.jsonl"),
+                               max_steps=self.cfg.explore.max_steps)
+                    for env in self.envs]
+            gen = GenerationConfig(max_new_tokens=self.cfg.explore.max_new_tokens)
+            reports = explore_many(jobs, self._engine(policy), gen, self.cfg.explore.concurrency)
             rows = []
-            for env in self.envs:
-                # Every split of an environment in one call, so that all its episodes are in flight at once.
-                splits = self.cfg.envs.splits
-                report = explore(
-                    self._env_factory(env),
-                    engine,
-                    [t for split in splits for t in self.tasks[env][split]],
-                    self.run_folder.file("eval", _slug(label), f"{env}.jsonl"),
-                    GenerationConfig(max_new_tokens=self.cfg.explore.max_new_tokens),
-                    concurrency=self.cfg.explore.concurrency,
-                )
+            for env, report in zip(self.envs, reports, strict=True):
                 by_id = {t.key: t for t in report.trajectories}
                 for split in splits:
                     result = summarise([by_id[str(t)] for t in self.tasks[env][split]])
@@ -201,9 +203,8 @@ class EtoLoop:
 
     def _explore(self, k: int, policy: Path | str) -> dict[str, str]:
         from fasteto.rollout.engine import GenerationConfig
-        from fasteto.rollout.explore import explore
+        from fasteto.rollout.explore import ExploreJob, explore_many
 
-        engine = self._engine(policy)
         self_play = self.cfg.mode == "self-play"
         gen = GenerationConfig(
             max_new_tokens=self.cfg.explore.max_new_tokens,
@@ -211,21 +212,17 @@ class EtoLoop:
             temperature=self.cfg.explore.temperature,
             seed=self.cfg.seed,
         )
+        samples = self.cfg.explore.samples if self_play else 1
+        jobs = [ExploreJob(self._env_factory(env), self.tasks[env]["train"],
+                           self.run_folder.file(f"iter-{k}", f"explored_{env}.jsonl"), samples,
+                           self.cfg.explore.max_steps)
+                for env in self.envs]
+        reports = explore_many(jobs, self._engine(policy), gen, self.cfg.explore.concurrency)
         files = {}
-        for env in self.envs:
-            report = explore(
-                self._env_factory(env),
-                engine,
-                self.tasks[env]["train"],
-                self.run_folder.file(f"iter-{k}", f"explored_{env}.jsonl"),
-                gen,
-                concurrency=self.cfg.explore.concurrency,
-                samples=self.cfg.explore.samples if self_play else 1,
-            )
-            print(report.summary())
-            items = report.trajectories
+        for env, report in zip(self.envs, reports, strict=True):
+            print(f"{env}: {report.summary()}")
             path = self.run_folder.file(f"iter-{k}", f"explored_{env}.json")
-            write_trajectories(path, items, "explored")
+            write_trajectories(path, report.trajectories, "explored")
             files[env] = str(path)
         return files
 
@@ -318,14 +315,17 @@ class EtoLoop:
         return self._save(model, f"dpo-{k}")
 
     def _finish(self) -> None:
-        from fasteto.report import plot_run, results_table
+        from fasteto.report import plot_run, read_metrics, results_table
         from fasteto.utils.io import atomic_write_json
 
+        metrics = read_metrics(self.run_folder.path / "metrics.jsonl")
         summary = {
             "config": self.run_folder.config,
             "envs": self.envs,
             "tasks": {e: {s: len(ids) for s, ids in splits.items()} for e, splits in self.tasks.items()},
             "evaluations": self.evaluations,
+            # Wall time of each phase as it ran (a resumed phase keeps its first, finished run's time).
+            "phase_seconds": {r["phase"]: r["phase_seconds"] for r in metrics if "phase_seconds" in r},
         }
         atomic_write_json(self.run_folder.path / "summary.json", summary)
         plot_run(self.run_folder.path / "metrics.jsonl", summary, self.run_folder.path / "curves.png")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up (idempotently) in ./.venv, then run the main job or the test suite.
-#   bash scripts/run.sh [main] [fasteto check options]   environments check (the main job for now)
+#   bash scripts/run.sh [main] [python -m fasteto.train options]   the default ETO run
 #   bash scripts/run.sh test [pytest options]            the test suite
 #   bash scripts/run.sh bench [pytest options]           the benchmarks in bench/ (results: bench/results/)
 # Needs Python >= 3.10 and, for ScienceWorld, Java 17. FASTETO_VENV picks another venv folder;
@@ -36,7 +36,7 @@ if ! command -v java >/dev/null 2>&1; then
 fi
 
 case "$job" in
-  main) exec "$venv/bin/fasteto" check "$@" ;;
+  main) exec "$venv/bin/python" -m fasteto.train "$@" ;;
   test) exec "$venv/bin/python" -m pytest "$@" ;;
   bench) exec "$venv/bin/python" -m pytest bench/ "$@" ;;
 esac

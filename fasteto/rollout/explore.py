@@ -20,6 +20,7 @@ either way.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -66,9 +67,22 @@ class EvalResult:
 
 
 @dataclass
+class ExploreJob:
+    """One environment's share of an ``explore_many`` call: how to open its environments, its tasks,
+    its store, and how many times to play each task."""
+
+    make_env: Callable[[], TextEnv]
+    task_ids: list[str]
+    store: Path
+    samples: int = 1
+    max_steps: int | None = None  # end each episode after this many steps (None: the environment's limit)
+
+
+@dataclass
 class _Episode:
     """One task in flight in one slot: what the engine reads, and the attempt number."""
 
+    job: int
     task_id: str
     sample: int | None = None  # which of a task's K samples (None when each task is played once)
     attempt: int = 0
@@ -81,30 +95,47 @@ class _Episode:
 
 def explore(make_env: Callable[[], TextEnv], engine: PolicyEngine, task_ids: list[str], store: Path,
             gen: GenerationConfig, concurrency: int = 4, progress: bool = True,
-            samples: int = 1) -> ExploreReport:
+            samples: int = 1, max_steps: int | None = None) -> ExploreReport:
     """Play each of ``task_ids`` ``samples`` times with ``engine``; append each episode to ``store``.
 
     Episodes already in ``store`` are skipped (resume); duplicates in ``task_ids`` are played once.
     ``make_env`` is called at most ``concurrency`` times, lazily; the environments are closed at the end.
     With a sampling seed, round ``r`` of the call samples with seed ``gen.seed + r``. With ``samples > 1``
     each record has a ``sample`` field (0 .. samples-1) and ``report.trajectories`` lists every sample of
-    a task together, tasks in order.
+    a task together, tasks in order. ``max_steps`` ends every episode after that many steps, below the
+    environment's own limit (a shorter, cheaper run; the reward is the one reached by then).
     """
-    if samples < 1:
-        raise ValueError(f"samples must be ≥ 1, got {samples}")
+    job = ExploreJob(make_env, task_ids, Path(store), samples, max_steps)
+    return explore_many([job], engine, gen, concurrency, progress)[0]
+
+
+def explore_many(jobs: list[ExploreJob], engine: PolicyEngine, gen: GenerationConfig, concurrency: int = 4,
+                 progress: bool = True) -> list[ExploreReport]:
+    """``explore`` for several environments at once: their episodes share the ``concurrency`` slots and
+    every engine call, so a batch holds ScienceWorld and ALFWorld episodes side by side. One report per
+    job, in order (``seconds`` is the whole call's; ``engine_retries`` counts every retried call)."""
+    for job in jobs:
+        if job.samples < 1:
+            raise ValueError(f"samples must be ≥ 1, got {job.samples}")
+        if job.max_steps is not None and job.max_steps < 1:
+            raise ValueError(f"max_steps must be ≥ 1 or None, got {job.max_steps}")
     start = time.time()
-    store = Path(store)
-    order = list(dict.fromkeys(str(t) for t in task_ids))
-    wanted = [(t, s if samples > 1 else None) for t in order for s in range(samples)]
-    done = set(_stored(store)) & set(wanted)
-    report = ExploreReport(trajectories=[], resumed=len(done))
-    queue = deque(_Episode(t, sample) for t, sample in wanted if (t, sample) not in done)
+    queues, wanted, reports = [], [], []
+    for j, job in enumerate(jobs):
+        order = list(dict.fromkeys(str(t) for t in job.task_ids))
+        keys = [(t, s if job.samples > 1 else None) for t in order for s in range(job.samples)]
+        done = set(_stored(job.store)) & set(keys)
+        wanted.append(keys)
+        reports.append(ExploreReport(trajectories=[], resumed=len(done)))
+        queues.append([_Episode(j, t, sample) for t, sample in keys if (t, sample) not in done])
+    queue = deque(ep for round_robin in itertools.zip_longest(*queues) for ep in round_robin if ep)
     if queue:
-        _Explorer(make_env, engine, store, gen, min(concurrency, len(queue)), report).run(queue, progress)
-    found = _stored(store)
-    report.trajectories = [found[key] for key in wanted if key in found]
-    report.seconds = time.time() - start
-    return report
+        _Explorer(jobs, engine, gen, min(concurrency, len(queue)), reports).run(queue, progress)
+    for job, keys, report in zip(jobs, wanted, reports, strict=True):
+        found = _stored(job.store)
+        report.trajectories = [found[key] for key in keys if key in found]
+        report.seconds = time.time() - start
+    return reports
 
 
 def _stored(store: Path) -> dict[tuple[str, int | None], Trajectory]:
@@ -127,13 +158,14 @@ def stored_trajectories(store: Path, task_ids: list[str]) -> list[Trajectory]:
 class _Explorer:
     """The loop of ``explore``: slots of episodes, one engine call per round, envs stepped in threads."""
 
-    def __init__(self, make_env, engine, store, gen, concurrency, report):
-        self.make_env = make_env
+    def __init__(self, jobs, engine, gen, concurrency, reports):
+        self.jobs = jobs
         self.engine = engine
-        self.store = store
         self.gen = gen
-        self.report = report
+        self.reports = reports
         self.envs: list[TextEnv | None] = [None] * concurrency
+        self.env_job: list[int | None] = [None] * concurrency  # the job whose environment a slot holds
+        self.idle: dict[int, list[TextEnv]] = {j: [] for j in range(len(jobs))}  # set aside by slots
         self.slots: list[_Episode | None] = [None] * concurrency
 
     def run(self, queue: deque[_Episode], progress: bool) -> None:
@@ -143,7 +175,7 @@ class _Explorer:
         start = time.time()
         try:
             with ThreadPoolExecutor(len(self.slots)) as pool:
-                rounds = 0
+                rounds = steps = 0
                 while queue or any(ep is not None for ep in self.slots):
                     bar.update(self._fill(queue, pool))
                     live = [i for i, ep in enumerate(self.slots) if ep is not None]
@@ -153,13 +185,15 @@ class _Explorer:
                                              self._round_config(rounds))
                     rounds += 1
                     results = self._map(pool, self._step, live, replies)
-                    self.report.env_steps += len(live)
+                    for i in live:
+                        self.reports[self.slots[i].job].env_steps += 1
+                    steps += len(live)
                     bar.update(sum(self._settle(i, r, queue) for i, r in zip(live, results, strict=True)))
-                    rate = self.report.env_steps / (time.time() - start)
+                    rate = steps / (time.time() - start)
                     bar.set_postfix(steps_per_s=f"{rate:.1f}", refresh=False)  # shown at the bar's own pace
         finally:
             bar.close()
-            for env in self.envs:
+            for env in self.envs + [e for idle in self.idle.values() for e in idle]:
                 if env is not None:
                     env.close()
 
@@ -170,9 +204,11 @@ class _Explorer:
                 return self.engine.generate(conversations, gen)
             except RETRYABLE_ERRORS as error:
                 if attempt == ENGINE_RETRIES:
+                    stores = ", ".join(str(job.store) for job in self.jobs)
                     raise RuntimeError(f"the policy engine failed {attempt + 1} times in a row; finished "
-                                       f"episodes are in {self.store}, a rerun resumes after them") from error
-                self.report.engine_retries += 1
+                                       f"episodes are in {stores}, a rerun resumes after them") from error
+                for report in self.reports:
+                    report.engine_retries += 1
         raise AssertionError("unreachable")
 
     def _round_config(self, rounds: int) -> GenerationConfig:
@@ -188,12 +224,21 @@ class _Explorer:
             free = [i for i, ep in enumerate(self.slots) if ep is None][:len(queue)]
             for i in free:
                 self.slots[i] = queue.popleft()
-                if self.envs[i] is None:
-                    self.envs[i] = self.make_env()
+                self._bind_env(i, self.slots[i].job)
             for i, outcome in zip(free, self._map(pool, self._reset, free), strict=True):
                 if isinstance(outcome, EnvCrashedError):
                     finished += self._crashed(i, queue)
         return finished
+
+    def _bind_env(self, slot: int, job: int) -> None:
+        """Give ``slot`` an environment of ``job``: its own if it has one, else one set aside, else new."""
+        if self.envs[slot] is not None and self.env_job[slot] == job:
+            return
+        if self.envs[slot] is not None:
+            self.idle[self.env_job[slot]].append(self.envs[slot])
+        idle = self.idle[job]
+        self.envs[slot] = idle.pop() if idle else self.jobs[job].make_env()
+        self.env_job[slot] = job
 
     def _map(self, pool: ThreadPoolExecutor, fn, slots: list[int], *args) -> list:
         """``fn`` over ``slots``: in threads when every env involved is ``parallel_safe``, else in turn."""
@@ -223,30 +268,32 @@ class _Explorer:
         """After a step: store a finished episode and free its slot. Returns episodes finished (0/1)."""
         if isinstance(result, EnvCrashedError):
             return self._crashed(slot, queue)
-        if not result.done:
-            return 0
         episode, env = self.slots[slot], self.envs[slot]
-        self._record(env.trajectory(extra=_extra(env, episode)))
+        cap = self.jobs[episode.job].max_steps
+        if not result.done and (cap is None or result.steps < cap):
+            return 0
+        self._record(episode, env.trajectory(extra=_extra(env, episode)))
         self.slots[slot] = None
         return 1
 
     def _crashed(self, slot: int, queue: deque[_Episode]) -> int:
         """Count the crash, replace the slot's environment, and retry the episode first in line, or
         record it with reward null after ``MAX_RETRIES`` retries. Returns episodes finished (0/1)."""
-        self.report.crashes += 1
         episode, env = self.slots[slot], self.envs[slot]
-        self.slots[slot], self.envs[slot] = None, None
+        self.reports[episode.job].crashes += 1
+        self.slots[slot], self.envs[slot], self.env_job[slot] = None, None, None
         with suppress(Exception):  # the engine is dead already; a failing close changes nothing
             env.close()
         if episode.attempt < MAX_RETRIES:
-            queue.appendleft(_Episode(episode.task_id, episode.sample, attempt=episode.attempt + 1))
+            queue.appendleft(_Episode(episode.job, episode.task_id, episode.sample,
+                                      attempt=episode.attempt + 1))
             return 0
-        self._record(_crashed_trajectory(episode, env))
+        self._record(episode, _crashed_trajectory(episode, env))
         return 1
 
-    def _record(self, trajectory: Trajectory) -> None:
-        append_jsonl(self.store, trajectory.to_record(with_reward=True))
-        self.report.new_episodes += 1
+    def _record(self, episode: _Episode, trajectory: Trajectory) -> None:
+        append_jsonl(self.jobs[episode.job].store, trajectory.to_record(with_reward=True))
+        self.reports[episode.job].new_episodes += 1
 
 
 def _crashed_trajectory(episode: _Episode, env: TextEnv) -> Trajectory:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from fasteto.data.types import Message
 from fasteto.rollout.engine import GenerationConfig, decode_reply, encode_prompt, stop_token_ids
@@ -106,8 +106,7 @@ class KVCacheEngine:
         source, shared = self.cache.lookup(prompt)
         n = min(shared, len(prompt) - 1)  # at least one token must run, for the next-token logits
         self.cache.count(n, len(prompt))
-        past = DynamicCache(ddp_cache_data=source.prefix_kv(n), config=self.model.config) if n else \
-            DynamicCache(config=self.model.config)
+        past = _preallocated(source.prefix_kv(n) if n else None, len(prompt), self._num_layers())
         ids = torch.as_tensor(prompt[n:], device=self.device)[None]
         positions = torch.arange(n, len(prompt), device=self.device)[None]
         out = self._forward(input_ids=ids, position_ids=positions, cache=past)
@@ -121,7 +120,7 @@ class KVCacheEngine:
 
     def _decode(self, rows: list[_Row], cfg: GenerationConfig, stops: list[int], generator) -> None:
         """Decode ``rows`` together until each ends its turn or reaches ``cfg.max_new_tokens``."""
-        past, mask = self._batch_cache(rows)
+        past, mask = self._batch_cache(rows, cfg)
         live = list(range(len(rows)))
         lengths = torch.tensor([len(r.prompt) for r in rows], device=self.device)
         while True:
@@ -148,7 +147,7 @@ class KVCacheEngine:
             for i, token in zip(live, picked, strict=True):
                 rows[i].next_token = token
 
-    def _forward(self, cache: DynamicCache, **inputs: torch.Tensor) -> Any:
+    def _forward(self, cache: Cache, **inputs: torch.Tensor) -> Any:
         """The model's forward with ``cache`` (named ``cache`` since transformers 5, ``past_key_values``
         before), the logits of the last position only."""
         if self._cache_name is None:
@@ -156,24 +155,30 @@ class KVCacheEngine:
             self._cache_name = "cache" if "cache" in params else "past_key_values"
         return self.model(**inputs, **{self._cache_name: cache}, use_cache=True, logits_to_keep=1)
 
-    def _batch_cache(self, rows: list[_Row]) -> tuple[DynamicCache, torch.Tensor]:
+    def _num_layers(self) -> int:
+        return self.model.config.get_text_config(decoder=True).num_hidden_layers
+
+    def _batch_cache(self, rows: list[_Row], cfg: GenerationConfig) -> tuple[Cache, torch.Tensor]:
         """The rows' prompt KV left-padded into one cache, and the ``[B, W]`` attention mask (0 on pads)."""
         width = max(len(r.prompt) for r in rows)
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-        layers = []
-        for layer, (k0, v0) in enumerate(rows[0].entry.kv):
-            k = k0.new_zeros(len(rows), k0.shape[1], width, k0.shape[3])
-            v = v0.new_zeros(len(rows), v0.shape[1], width, v0.shape[3])
-            for b, row in enumerate(rows):
-                rk, rv = row.entry.kv[layer]
-                k[b, :, width - rk.shape[2]:] = rk[0]
-                v[b, :, width - rv.shape[2]:] = rv[0]
-            layers.append((k, v))
         for b, row in enumerate(rows):
             mask[b, width - len(row.prompt):] = 1
-        return DynamicCache(ddp_cache_data=layers, config=self.model.config), mask
+        cache = Cache(layers=[_PreallocatedLayer(width + cfg.max_new_tokens) for _ in rows[0].entry.kv])
+        for index, layer in enumerate(cache.layers):
+            k0, v0 = rows[0].entry.kv[index]
+            layer.lazy_initialization(k0.expand(len(rows), -1, -1, -1), v0.expand(len(rows), -1, -1, -1))
+            layer._k[:, :, :width].zero_()  # pads: finite values, masked out of attention
+            layer._v[:, :, :width].zero_()
+            for b, row in enumerate(rows):
+                rk, rv = row.entry.kv[index]
+                layer._k[b, :, width - rk.shape[2]:width] = rk[0]
+                layer._v[b, :, width - rv.shape[2]:width] = rv[0]
+            layer.length = width
+            layer.keys, layer.values = layer._k[:, :, :width], layer._v[:, :, :width]
+        return cache, mask
 
-    def _store(self, row: _Row, past: DynamicCache, mask: torch.Tensor, b: int) -> None:
+    def _store(self, row: _Row, past: Cache, mask: torch.Tensor, b: int) -> None:
         """Put row ``b``'s KV (prompt + reply so far, pads dropped) in the cache, replacing its prompt's."""
         columns = mask[b].nonzero().squeeze(-1)
         kv = [(layer.keys[b:b + 1, :, columns].clone(), layer.values[b:b + 1, :, columns].clone())
@@ -183,7 +188,53 @@ class KVCacheEngine:
         self.cache.put(ids, kv, prompt_len=len(row.prompt), replaces=row.entry)
 
 
-def _layers(cache: DynamicCache) -> KV:
+class _PreallocatedLayer(DynamicLayer):
+    """A cache layer whose keys and values live in buffers sized for the whole call, so that each
+    decoded token is written in place instead of concatenated (which would copy the whole cache at
+    every step). ``keys``/``values`` are views of the filled part."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        shape = (*key_states.shape[:2], self.capacity, key_states.shape[3])
+        self._k = key_states.new_empty(shape)
+        self._v = value_states.new_empty((*shape[:3], value_states.shape[3]))
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV buffer of {self.capacity} tokens overflows at {end}")
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+
+def _preallocated(kv: KV | None, capacity: int, num_layers: int) -> Cache:
+    """A cache of ``num_layers`` preallocated layers of ``capacity`` tokens, holding ``kv`` if given."""
+    cache = Cache(layers=[_PreallocatedLayer(capacity) for _ in range(num_layers)])
+    for layer, (k, v) in zip(cache.layers, kv or [], strict=False):
+        layer.update(k, v)
+    return cache
+
+
+def _layers(cache: Cache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 
@@ -132,3 +133,37 @@ def test_alfworld_games_step_in_parallel_processes(alfworld_data, tmp_path):
     assert [t.id for t in report.trajectories] == games
     assert all(t.reward == 0.0 and len(t.conversations) == 3 + 2 * 40 - 1 for t in report.trajectories)
     assert engine.batch_sizes == [2] * 40  # both games in every round
+
+
+def test_two_environments_share_the_slots_and_every_engine_call(tmp_path):
+    from fasteto.rollout.explore import ExploreJob, explore_many
+
+    made: list[str] = []
+
+    def factory(name):
+        def make():
+            made.append(name)
+            return ToyEnv()
+        return make
+
+    jobs = [ExploreJob(factory("left"), ["a", "b"], tmp_path / "left.jsonl"),
+            ExploreJob(factory("right"), ["c"], tmp_path / "right.jsonl")]
+    engine = ReplayEngine({"Task a": toy_script("win"), "Task b": toy_script("wait", "win"),
+                           "Task c": toy_script("wait", "wait", "win")})
+    left, right = explore_many(jobs, engine, GenerationConfig(), concurrency=2, progress=False)
+    assert [t.id for t in left.trajectories] == ["a", "b"] and [t.id for t in right.trajectories] == ["c"]
+    assert [m[-1]["value"] for m in engine.calls[0]] == ["Task a", "Task c"]  # both jobs in round one
+    assert (left.env_steps, right.env_steps) == (3, 3) and (left.new_episodes, right.new_episodes) == (2, 1)
+    assert sorted(made) == ["left", "right"]  # the slot that finished 'a' took 'b' with left's env
+    assert [r["id"] for r in map(json.loads, (tmp_path / "right.jsonl").read_text().splitlines())] == ["c"]
+
+
+def test_max_steps_ends_episodes_early_with_the_reward_reached(tmp_path):
+    engine = ReplayEngine({"Task a": toy_script("wait", "win"), "Task b": toy_script("win")})
+    report = explore(ToyEnv, engine, ["a", "b"], tmp_path / "s.jsonl", GenerationConfig(), progress=False,
+                     max_steps=1)
+    assert [(t.id, t.reward, len(t.conversations)) for t in report.trajectories] == [("a", 0.0, 4),
+                                                                                    ("b", 1.0, 4)]
+    assert report.env_steps == 2
+    with pytest.raises(ValueError, match="max_steps must be ≥ 1"):
+        explore(ToyEnv, engine, ["a"], tmp_path / "t.jsonl", GenerationConfig(), max_steps=0)
