@@ -52,3 +52,15 @@ def smollm2(tmp_path_factory) -> Path:
     from fasteto.models.load import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL, cache_dir=tmp_path_factory.getbasetemp() / "fasteto-cache")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine a second OpenMP thread makes tiny ops much slower.
+    Modules of tiny-model tests use it (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

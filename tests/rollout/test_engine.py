@@ -10,14 +10,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from fasteto.data.types import GPT, HUMAN, message
 from fasteto.rollout.engine import GenerationConfig, TransformersEngine, stop_token_ids, to_chat
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, a second OpenMP thread makes tiny ops ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread is much faster
 
 
 @pytest.fixture(scope="module")

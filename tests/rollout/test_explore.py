@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 from tiny import byte_tokenizer, tiny_llama
 
 from fasteto.data.formats import read_jsonl_tolerant, read_trajectories
@@ -256,18 +255,8 @@ def test_sciworld_wrong_actions_score_below_one(borrowed_sciworld, tmp_path):
     check_eto_layout(t, load_prompt("sciworld").instruction)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a shared 2-core machine, a second OpenMP thread makes tiny ops ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_sciworld_with_a_tiny_random_transformers_policy(borrowed_sciworld, one_thread, tmp_path):
-
     tokenizer = byte_tokenizer()
     engine = TransformersEngine(tiny_llama(len(tokenizer), hidden_size=48), tokenizer, batch_size=2)
     store: Path = tmp_path / "s.jsonl"

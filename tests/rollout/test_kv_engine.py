@@ -13,13 +13,7 @@ from fasteto.rollout.engine import GenerationConfig, TransformersEngine
 from fasteto.rollout.kv_engine import KVCacheEngine
 from fasteto.rollout.prefix_cache import PrefixCache, common_prefix
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread is much faster
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,10 @@ from fasteto.trainer import (
 
 T, F = True, False
 # peft 0.21 still calls transformers' deprecated name
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is much faster here than two contending for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),  # tiny matrices: one thread is much faster on a shared CPU
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 
 def make_pairs(n: int = 4) -> list[TokenizedPair]:

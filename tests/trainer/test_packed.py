@@ -40,6 +40,7 @@ from fasteto.trainer import (
 from fasteto.trainer.batching import pad_pairs
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),  # tiny matrices: one thread is ~30x faster on a shared CPU
     # CPU runs FlexAttention eagerly on purpose (see fasteto/ops/tree_attention/flex.py)
     pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
     # peft 0.21 still calls transformers' deprecated name
@@ -51,15 +52,6 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_
              num_attention_heads=4, num_key_value_heads=2)
 FAMILIES = ("llama", "qwen2", "mistral")
 BETA = 0.3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is ~30x faster here than two contending for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(family: str, seed: int = 0, variant: str = "") -> torch.nn.Module:
