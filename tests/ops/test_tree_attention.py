@@ -204,16 +204,16 @@ def test_explicit_varlen_on_cpu_raises_with_reason():
         tree_attention(q, k, v, batch, impl="varlen")
 
 
-def test_auto_on_cpu_uses_reference_and_logs_once(caplog):
+def test_auto_on_cpu_uses_varlen_eager_and_logs_once(caplog):
     tree_api._log_choice_once.cache_clear()
     batch = build_batch(SMALL_TREE)
     q, k, v = qkv(batch.num_tokens, 0)
     with caplog.at_level(logging.INFO, logger=tree_api.__name__):
         out = tree_attention(q, k, v, batch)
         tree_attention(q, k, v, batch)
-    assert torch.equal(out, tree_attention(q, k, v, batch, impl="reference"))
+    assert torch.equal(out, tree_attention(q, k, v, batch, impl="varlen_eager"))
     assert [r.getMessage() for r in caplog.records].count(
-        "tree attention impl='auto' uses 'reference' (no fused tree kernel with a backward on cpu)") == 1
+        "tree attention impl='auto' uses 'varlen_eager' (no fused tree kernel with a backward on cpu)") == 1
 
 
 def test_bad_inputs_and_layouts_raise():
