@@ -10,10 +10,10 @@ Backends (``impl=``):
   forward only: FlexAttention has no CPU backward).
 - ``"varlen"``: FlashAttention varlen over the gathered-KV view (CUDA, fp16/bf16).
 - ``"varlen_eager"``: the same gathered-KV computation segment by segment with SDPA; any device. It
-  exists to test the ``kv_index``/``cu_seqlens_k`` layout without a GPU.
+  tests the ``kv_index``/``cu_seqlens_k`` layout without a GPU, and is the CPU training backend.
 - ``"auto"``: ``varlen`` when it can run, else ``flex`` on CUDA; ``varlen_eager`` elsewhere (per-segment
-  SDPA over gathered keys: no dense ``[N, N]`` mask, so it costs what the sequences cost, not ``N²``;
-  measured 1.5x faster than ``reference`` on SmolLM2 SFT steps on CPU). Logged once.
+  SDPA over gathered keys: no dense ``[N, N]`` mask, so it costs what the sequences cost, not ``N²``).
+  Logged once.
 
 An explicit ``impl`` that cannot run raises ``ValueError`` with the reason; nothing falls back silently.
 """
