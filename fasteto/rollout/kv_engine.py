@@ -181,7 +181,7 @@ class KVCacheEngine:
     def _store(self, row: _Row, past: Cache, mask: torch.Tensor, b: int) -> None:
         """Put row ``b``'s KV (prompt + reply so far, pads dropped) in the cache, replacing its prompt's."""
         columns = mask[b].nonzero().squeeze(-1)
-        kv = [(layer.keys[b:b + 1, :, columns].clone(), layer.values[b:b + 1, :, columns].clone())
+        kv = [(layer.keys[b:b + 1, :, columns], layer.values[b:b + 1, :, columns])  # indexing copies
               for layer in past.layers]
         # The last generated token was picked but never run through the model: its KV does not exist.
         ids = np.concatenate([row.prompt, np.asarray(row.generated[:-1], dtype=np.int64)])
