@@ -36,3 +36,17 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok.add_special_tokens(SPECIAL)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
                                    chat_template=CHATML)
+
+
+def end_turn_after(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                   token_ids: list[int]) -> LlamaForCausalLM:
+    """Make ``model`` end its turn (``<|im_end|>``) right after writing any of ``token_ids``, and never
+    otherwise: dimension 0 of the embeddings marks those tokens (+1, the rest -1) and only the end-of-turn
+    row of the head reads it, strongly. Rows of a batch then end at different steps. In place; returns it."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = -1.0
+        model.model.embed_tokens.weight[token_ids, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[end, 0] = 30.0
+    return model

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from test_engine import conversations
-from tiny import byte_tokenizer, tiny_llama
+from tiny import byte_tokenizer, end_turn_after, tiny_llama
 
 from fasteto.data.types import GPT, HUMAN, message
 from fasteto.rollout.engine import GenerationConfig, TransformersEngine
@@ -88,22 +88,17 @@ def test_greedy_equals_the_plain_engine_over_several_turns(model, tokenizer):
 
 
 def test_rows_end_at_different_steps(tokenizer):
-    """The head makes '<|im_end|>' win after 'Z' and 'Z' win after anything else: a conversation
-    ending in 'Z' stops at once, the others after one token; each row leaves when it ends."""
-    model = tiny_llama(len(tokenizer), hidden_size=48, seed=1)
-    end, z = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("Z")
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = -1.0
-        model.model.embed_tokens.weight[z] = 0.0
-        model.model.embed_tokens.weight[z, 0] = 1.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[z, 0] = -1.0
-        model.lm_head.weight[end, 0] = 1.0
-    cfg = GenerationConfig(max_new_tokens=20)
+    """Each row ends right after its first token with an id divisible by 7: rows leave the decode batch
+    at different steps, and the replies still equal the plain engine's."""
+    marked = list(range(0, len(tokenizer), 7))
+    model = end_turn_after(tiny_llama(len(tokenizer), hidden_size=48, seed=2), tokenizer, marked)
+    cfg = GenerationConfig(max_new_tokens=40)
     engine = KVCacheEngine(model, tokenizer, batch_size=4)
-    assert engine.generate(conversations(), cfg) == ["Z"] * 4
-    assert engine.generate(conversations(), cfg) == TransformersEngine(model, tokenizer).generate(
-        conversations(), cfg)
+    replies = engine.generate(conversations(), cfg)
+    assert replies == TransformersEngine(model, tokenizer).generate(conversations(), cfg)
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies]
+    assert len(set(lengths)) > 1, replies  # rows ended at different steps
+    assert engine.decoded_tokens < 4 * cfg.max_new_tokens  # and left the batch when they did
 
 
 def test_truncated_prompts_match_the_plain_engine(model, tokenizer):
