@@ -64,8 +64,10 @@ def setup_distributed(backend: str | None = None) -> DistEnv:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group (if joined)."""
+    """Leave the process group (if joined), once every rank has got here: a rank that tears gloo down
+    while a peer is still in a collective or saving can abort the whole job."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
