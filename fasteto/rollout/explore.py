@@ -147,14 +147,6 @@ def _stored(store: Path) -> dict[tuple[str, int | None], Trajectory]:
     return first
 
 
-def stored_trajectories(store: Path, task_ids: list[str]) -> list[Trajectory]:
-    """The first stored record of each of ``task_ids`` that has one, in the order of ``task_ids``."""
-    first: dict[str, Trajectory] = {}
-    for key, trajectory in _stored(store).items():
-        first.setdefault(key[0], trajectory)
-    return [first[t] for t in map(str, task_ids) if t in first]
-
-
 class _Explorer:
     """The loop of ``explore``: slots of episodes, one engine call per round, envs stepped in threads."""
 
