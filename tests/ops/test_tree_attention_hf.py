@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -82,10 +83,30 @@ def test_lora_wrapped_model_forward_and_gradients():
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in name for name in lora)
 
-    def lora_grads(run, m):
+    def lora_grads(run, m, terms=None):
+        """Gradients of ``run(m)``; with ``terms`` (a dict), also each LoRA weight gradient's reduction:
+        ``dW = sum over rows t of g_t x_t^T`` (every call's rows), stored as ``(sum |g_t| |x_t|^T, rows)``."""
         m.zero_grad()
-        loss = run(m)
-        loss.backward()
+        sums, rows, hooks = {}, {}, []
+
+        def record(module, args, out, name):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            rows[name] = rows.get(name, 0) + x.shape[0]
+            out.register_hook(lambda g: sums.__setitem__(
+                name, sums.get(name, 0) + g.reshape(-1, g.shape[-1]).abs().T @ x.abs()))
+
+        if terms is not None:
+            hooks = [module.register_forward_hook(functools.partial(record, name=name + ".weight"))
+                     for name, module in m.named_modules()
+                     if isinstance(module, torch.nn.Linear) and name + ".weight" in lora]
+        try:
+            loss = run(m)
+            loss.backward()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if terms is not None:
+            terms.update({name: (sums[name].detach(), rows[name]) for name in sums})
         return {name: p.grad.clone() for name, p in m.named_parameters() if p.requires_grad}
 
     def packed_loss(m):
@@ -97,9 +118,13 @@ def test_lora_wrapped_model_forward_and_gradients():
 
     kernel = lora_grads(packed_loss, model)
     plain = lora_grads(sequence_loss, model)
-    oracle = lora_grads(sequence_loss, copy.deepcopy(model).double())
+    terms = {}
+    oracle = lora_grads(sequence_loss, copy.deepcopy(model).double(), terms)
+    assert terms.keys() == lora.keys()
     for name in lora:
-        assert_by_rule(kernel[name], plain[name], oracle[name], factor=3.0, what=f"grad {name}")
+        # The oracle's per-sequence reduction has at least the packed one's rows and sum |terms|.
+        assert_by_rule(kernel[name], plain[name], oracle[name], factor=3.0, what=f"grad {name}",
+                       terms=terms[name])
 
 
 def test_context_switches_and_restores_even_on_error():

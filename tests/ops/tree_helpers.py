@@ -83,14 +83,26 @@ def random_segments(seed: int, vocab: int = 64, max_len: int = 7) -> Segments:
 
 
 def assert_by_rule(kernel: torch.Tensor, plain: torch.Tensor, oracle: torch.Tensor, factor: float = 2.0,
-                   what: str = "output") -> None:
+                   what: str = "output", terms: tuple[torch.Tensor, int] | None = None) -> None:
     """FlashAttention's rule: ``|kernel - oracle| <= factor * |plain - oracle| + floor`` (max norms), where
     ``plain`` is plain PyTorch in the kernel's dtype, ``oracle`` a higher-precision reference and
-    ``floor`` twice the dtype's rounding error at the oracle's magnitude."""
+    ``floor`` twice the dtype's rounding error at the oracle's magnitude.
+
+    ``terms=(magnitude, n)`` is for a result that is a sum of ``n`` terms, such as a weight gradient (a sum
+    over tokens of outer products): ``magnitude`` is the oracle's sum of the terms' absolute values. Such a
+    sum's rounding error scales with that magnitude, not with the result after cancellation. So the floor is
+    then at least the random-walk estimate of an ``n``-term sum's error, ``sqrt(n) * u * max(magnitude)``.
+    Without it, a plain error that happens to be small can set a bound that the kernel's equally valid
+    summation order misses.
+    """
     assert torch.isfinite(kernel).all(), f"{what}: kernel produced non-finite values"
     oracle = oracle.double()
     floor = 2 * ((oracle.to(kernel.dtype) + 0.3 - 0.3).double() - oracle).abs().max().item()
     floor = max(floor, torch.finfo(kernel.dtype).eps)
+    if terms is not None:
+        magnitude, n = terms
+        unit_roundoff = torch.finfo(kernel.dtype).eps / 2
+        floor = max(floor, n ** 0.5 * unit_roundoff * magnitude.abs().max().item())
     err_kernel = (kernel.double() - oracle).abs().max().item()
     err_plain = (plain.double() - oracle).abs().max().item()
     assert err_kernel <= factor * err_plain + floor, (
