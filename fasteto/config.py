@@ -259,9 +259,13 @@ class ExploreConfig:
     samples: int = _help("episodes per task when exploring in self-play mode", 2)
     max_context: int | None = _help("prompt + reply tokens; older turns are dropped beyond (none: no cap)",
                                     None)
-    engine: typing.Literal["kv", "plain", "sglang"] = _help(
-        "policy engine: kv (keeps each episode's KV cache between turns), plain (re-encodes every turn) "
-        "or sglang (GPU nodes; pip install 'fasteto[sglang]')", "kv")
+    engine: typing.Literal["continuous", "kv", "plain", "sglang"] = _help(
+        "policy engine: continuous (rows join and leave the running batch at any token step; each "
+        "episode keeps its KV between turns), kv (a batch per turn, KV kept between turns), plain "
+        "(re-encodes every turn) or sglang (GPU nodes; pip install 'fasteto[sglang]')", "continuous")
+    dtype: typing.Literal["model", "float32", "bfloat16", "auto"] = _help(
+        "continuous engine's weights: model (model.dtype), float32, bfloat16, or auto (bfloat16 where the "
+        "CPU has AVX-512 BF16 or AMX, or on CUDA; else model.dtype)", "model")
     cache_tokens: int = _help("tokens of KV the kv engine keeps between turns", 65536)
     sglang_url: str | None = _help("a running SGLang server (started with --skip-tokenizer-init) to use "
                                    "instead of starting one in this process", None)

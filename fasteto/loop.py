@@ -389,21 +389,26 @@ class EtoLoop:
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def _load(self, path: Path | str):
+    def _load(self, path: Path | str, dtype: torch.dtype | None = None):
         from fasteto.models.load import load_model
 
         gc.collect()
-        return load_model(path, dtype=self.dtype)
+        return load_model(path, dtype=dtype or self.dtype)
 
     def _engine(self, policy: Path | str):
         """The policy engine for a phase. The transformers engines load ``policy`` afresh; the SGLang
         engine is started once and loads each new policy into the running server."""
+        from fasteto.rollout.continuous import ContinuousEngine, engine_dtype
         from fasteto.rollout.engine import TransformersEngine
         from fasteto.rollout.kv_engine import KVCacheEngine
 
         opts = self.cfg.explore
         if opts.engine == "sglang":
             return self._sglang_engine(str(policy))
+        if opts.engine == "continuous":
+            dtype = engine_dtype(opts.dtype, self.dtype)
+            return ContinuousEngine(self._load(policy, dtype), self.tokenizer, slots=opts.concurrency,
+                                    max_context=opts.max_context)
         common = {"batch_size": opts.concurrency, "max_context": opts.max_context}
         if opts.engine == "kv":
             return KVCacheEngine(self._load(policy), self.tokenizer, cache_tokens=opts.cache_tokens, **common)

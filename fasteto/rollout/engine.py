@@ -113,10 +113,30 @@ def encode_prompt(tokenizer: Any, conversation: list[Message], max_context: int 
     return ids
 
 
+def pick_tokens(logits: torch.Tensor, cfg: GenerationConfig,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row of ``logits`` ``[B, V]``: argmax when greedy, else a sample at
+    ``cfg.temperature`` from the smallest top set holding ``cfg.top_p`` of the probability. ``[B]`` long."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p  # the top token always stays
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def until_stop(new_tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
+    """Freshly generated tokens up to the first stop token, without it."""
+    cut = next((i for i, token in enumerate(new_tokens) if token in stops), len(new_tokens))
+    return list(new_tokens[:cut])
+
+
 def decode_reply(tokenizer: Any, new_tokens: Sequence[int], stops: Sequence[int]) -> str:
     """The reply text of freshly generated tokens: up to the first stop token, without it, stripped."""
-    cut = next((i for i, token in enumerate(new_tokens) if token in stops), len(new_tokens))
-    return tokenizer.decode(list(new_tokens[:cut]), skip_special_tokens=True).strip()
+    return tokenizer.decode(until_stop(new_tokens, stops), skip_special_tokens=True).strip()
 
 
 class TransformersEngine:
@@ -148,15 +168,16 @@ class TransformersEngine:
         prompts = [self.encode(c, cfg.max_new_tokens) for c in conversations]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         replies: list[str] = [""] * len(prompts)
+        self.last_token_ids: list[list[int]] = [[] for _ in prompts]  # per conversation, of this call
         was_training = self.model.training
         self.model.eval()
         try:
             with self._seeded(cfg.seed), torch.no_grad():
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start:start + self.batch_size]
-                    for i, text in zip(chunk, self._generate_batch([prompts[i] for i in chunk], cfg),
-                                       strict=True):
-                        replies[i] = text
+                    for i, (text, ids) in zip(chunk, self._generate_batch([prompts[i] for i in chunk], cfg),
+                                              strict=True):
+                        replies[i], self.last_token_ids[i] = text, ids
         finally:
             self.model.train(was_training)
         return replies
@@ -165,8 +186,8 @@ class TransformersEngine:
         """Token ids of ``conversation`` formatted for the model's next reply (see ``encode_prompt``)."""
         return encode_prompt(self.tokenizer, conversation, self.max_context, max_new_tokens)
 
-    def _generate_batch(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[str]:
-        """Left-pad ``prompts`` into one batch, generate, and decode the new tokens of each row."""
+    def _generate_batch(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[tuple[str, list[int]]]:
+        """Left-pad ``prompts`` into one batch, generate; each row's reply text and new token ids."""
         stops = stop_token_ids(self.tokenizer, self.model)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
         width = max(len(p) for p in prompts)
@@ -178,7 +199,8 @@ class TransformersEngine:
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                   max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy,
                                   eos_token_id=stops, pad_token_id=pad, **sampling)
-        return [decode_reply(self.tokenizer, row, stops) for row in out[:, width:].tolist()]
+        return [(decode_reply(self.tokenizer, row, stops), until_stop(row, stops))
+                for row in out[:, width:].tolist()]
 
     @contextmanager
     def _seeded(self, seed: int | None) -> Iterator[None]:

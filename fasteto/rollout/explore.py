@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import itertools
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +50,8 @@ class ExploreReport:
     engine_retries: int = 0  # engine calls that raised and were made again
     env_steps: int = 0
     seconds: float = 0.0
+    env_seconds: float = 0.0  # time inside this job's env resets and steps, summed over threads
+    reply_ids: dict = field(default_factory=dict)  # (task, sample) -> generated token ids of each turn
 
     def summary(self) -> str:
         rate = self.env_steps / self.seconds if self.seconds else 0.0
@@ -88,6 +91,7 @@ class _Episode:
     attempt: int = 0
     context: list[Message] = field(default_factory=list)  # instruction, OK, example, task
     turns: list[Message] = field(default_factory=list)  # replies and observations so far
+    reply_ids: list[list[int]] = field(default_factory=list)  # token ids of each reply, when known
 
     def conversation(self) -> list[Message]:
         return self.context + self.turns
@@ -166,6 +170,10 @@ class _Explorer:
         bar = tqdm(total=len(queue), desc="explore", unit="episode", disable=not progress)
         start = time.time()
         try:
+            if hasattr(self.engine, "submit"):
+                with ThreadPoolExecutor(len(self.slots)) as pool:
+                    self._run_continuous(queue, pool, bar, start)
+                return
             with ThreadPoolExecutor(len(self.slots)) as pool:
                 rounds = steps = 0
                 while queue or any(ep is not None for ep in self.slots):
@@ -175,6 +183,8 @@ class _Explorer:
                         continue
                     replies = self._generate([self.slots[i].conversation() for i in live],
                                              self._round_config(rounds))
+                    for i, ids in zip(live, getattr(self.engine, "last_token_ids", None) or [], strict=False):
+                        self.slots[i].reply_ids.append(list(ids))
                     rounds += 1
                     results = self._map(pool, self._step, live, replies)
                     for i in live:
@@ -188,6 +198,58 @@ class _Explorer:
             for env in self.envs + [e for idle in self.idle.values() for e in idle]:
                 if env is not None:
                     env.close()
+
+    def _run_continuous(self, queue: deque[_Episode], pool: ThreadPoolExecutor, bar, start: float) -> None:
+        """Continuous batching: the engine steps token by token; a row whose reply is done goes to its
+        environment (in a thread when it is ``parallel_safe``) while the other rows keep decoding, and
+        the episode's next prompt joins the running batch as soon as its observation is back."""
+        pending: dict[Future, tuple[int, str]] = {}  # env call -> (slot, "reset" | "step")
+        keys: list[tuple[int, int] | None] = [None] * len(self.slots)
+        steps = 0
+        while queue or any(ep is not None for ep in self.slots):
+            for i in [i for i, ep in enumerate(self.slots) if ep is None][:len(queue)]:
+                self.slots[i] = queue.popleft()
+                self._bind_env(i, self.slots[i].job)
+                keys[i] = (i, id(self.slots[i]))
+                pending[self._env_call(pool, i, self._reset)] = (i, "reset")
+            if self.engine.busy:
+                for reply in self.engine.step():
+                    i = reply.key[0]
+                    self.slots[i].reply_ids.append(reply.token_ids)
+                    pending[self._env_call(pool, i, self._step, reply.text)] = (i, "step")
+                done = [f for f in pending if f.done()]
+            else:
+                done = list(wait(pending, return_when=FIRST_COMPLETED).done) if pending else []
+            for future in done:
+                i, kind = pending.pop(future)
+                finished = self._after_env_call(i, kind, future.result(), queue)
+                steps += kind == "step"
+                bar.update(finished)
+                if self.slots[i] is None:  # finished, or crashed and queued again
+                    self.engine.release(keys[i])
+                    keys[i] = None
+                    continue
+                episode = self.slots[i]
+                seed = None if self.gen.seed is None else self.gen.seed + zlib.crc32(
+                    f"{episode.task_id}/{episode.sample}/{len(episode.turns)}".encode())
+                self.engine.submit(episode.conversation(), self.gen, key=keys[i], seed=seed)
+            if done:
+                bar.set_postfix(steps_per_s=f"{steps / (time.time() - start):.1f}", refresh=False)
+
+    def _env_call(self, pool: ThreadPoolExecutor, slot: int, fn, *args) -> Future:
+        """``fn(slot, *args)`` in a thread when the slot's env is ``parallel_safe``, else right here."""
+        if self.envs[slot].parallel_safe:
+            return pool.submit(fn, slot, *args)
+        future: Future = Future()
+        future.set_result(fn(slot, *args))
+        return future
+
+    def _after_env_call(self, slot: int, kind: str, result, queue: deque[_Episode]) -> int:
+        """Settle a reset or a step of ``slot``; returns the episodes this finished (0/1)."""
+        if kind == "reset":
+            return self._crashed(slot, queue) if isinstance(result, EnvCrashedError) else 0
+        self.reports[self.slots[slot].job].env_steps += 1
+        return self._settle(slot, result, queue)
 
     def _generate(self, conversations: list[list[Message]], gen: GenerationConfig) -> list[str]:
         """One engine call, made again up to ``ENGINE_RETRIES`` times if it raises a retryable error."""
@@ -240,19 +302,25 @@ class _Explorer:
 
     def _reset(self, slot: int) -> str | EnvCrashedError:
         episode, env = self.slots[slot], self.envs[slot]
+        began = time.perf_counter()
         try:
             task = env.reset(episode.task_id)
         except EnvCrashedError as crash:
             return crash
+        finally:
+            self.reports[episode.job].env_seconds += time.perf_counter() - began
         episode.context, episode.turns = env.prompt.context(task), []
         return task
 
     def _step(self, slot: int, reply: str) -> Step | EnvCrashedError:
         episode = self.slots[slot]
+        began = time.perf_counter()
         try:
             step = self.envs[slot].step(reply)
         except EnvCrashedError as crash:
             return crash
+        finally:
+            self.reports[episode.job].env_seconds += time.perf_counter() - began
         episode.turns += [message(GPT, reply), message(HUMAN, step.observation)]
         return step
 
@@ -285,7 +353,10 @@ class _Explorer:
 
     def _record(self, episode: _Episode, trajectory: Trajectory) -> None:
         append_jsonl(self.jobs[episode.job].store, trajectory.to_record(with_reward=True))
-        self.reports[episode.job].new_episodes += 1
+        report = self.reports[episode.job]
+        report.new_episodes += 1
+        if episode.reply_ids:
+            report.reply_ids[(episode.task_id, episode.sample)] = episode.reply_ids
 
 
 def _crashed_trajectory(episode: _Episode, env: TextEnv) -> Trajectory:

@@ -29,7 +29,14 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from fasteto.data.types import Message
-from fasteto.rollout.engine import GenerationConfig, decode_reply, encode_prompt, stop_token_ids
+from fasteto.rollout.engine import (
+    GenerationConfig,
+    decode_reply,
+    encode_prompt,
+    pick_tokens,
+    stop_token_ids,
+    until_stop,
+)
 from fasteto.rollout.prefix_cache import KV, CacheEntry, PrefixCache
 
 
@@ -64,6 +71,7 @@ class KVCacheEngine:
         self.prefilled_tokens = 0  # tokens run through the model as prompt (for benchmarks)
         self.decoded_tokens = 0
         self._cache_name: str | None = None
+        self.last_token_ids: list[list[int]] = []  # of the last generate() call, per conversation
 
     def update_weights(self, model: Any) -> None:
         """Use ``model`` from the next call on; the stored KV belongs to the old weights and is dropped."""
@@ -80,6 +88,7 @@ class KVCacheEngine:
         stops = stop_token_ids(self.tokenizer, self.model)
         generator = self._generator(cfg.seed)
         replies: list[str] = []
+        self.last_token_ids = []
         was_training = self.model.training
         self.model.eval()
         try:
@@ -88,6 +97,7 @@ class KVCacheEngine:
                     rows = [self._prefill(p, cfg, generator) for p in prompts[start:start + self.batch_size]]
                     self._decode(rows, cfg, stops, generator)
                     replies += [decode_reply(self.tokenizer, row.generated, stops) for row in rows]
+                    self.last_token_ids += [until_stop(row.generated, stops) for row in rows]
         finally:
             self.model.train(was_training)
         return replies
@@ -115,7 +125,7 @@ class KVCacheEngine:
         entry = self.cache.put(prompt, _layers(past), prompt_len=len(prompt),
                                replaces=source if continues else None)
         row = _Row(prompt=prompt, entry=entry, generated=[])
-        row.next_token = int(_pick(out.logits[:, -1], cfg, generator)[0])
+        row.next_token = int(pick_tokens(out.logits[:, -1], cfg, generator)[0])
         return row
 
     def _decode(self, rows: list[_Row], cfg: GenerationConfig, stops: list[int], generator) -> None:
@@ -143,7 +153,7 @@ class KVCacheEngine:
                                 cache=past)
             lengths = lengths + 1
             self.decoded_tokens += len(live)
-            picked = _pick(out.logits[:, -1], cfg, generator).tolist()
+            picked = pick_tokens(out.logits[:, -1], cfg, generator).tolist()
             for i, token in zip(live, picked, strict=True):
                 rows[i].next_token = token
 
@@ -236,17 +246,3 @@ def _preallocated(kv: KV | None, capacity: int, num_layers: int) -> Cache:
 
 def _layers(cache: Cache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of each row of ``logits`` ``[B, V]``: argmax when greedy, else a sample at
-    ``cfg.temperature`` from the smallest top set holding ``cfg.top_p`` of the probability. ``[B]`` long."""
-    if cfg.greedy:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p  # the top token always stays
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

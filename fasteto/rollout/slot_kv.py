@@ -1,0 +1,167 @@
+"""Per-row key/value slots and the attention that reads them, for the continuous engine.
+
+Each row (an episode's conversation) owns a slot: per layer, keys and values ``[H_kv, C, D]`` of every
+token it has run, kept between turns, so a new turn runs only its new tokens. One forward of the model
+runs a *packed step*: the new tokens of every row that takes part (a whole prompt tail for a row that
+joins, one token for a row that is decoding) laid end to end as batch 1, ``[1, N]``, each token with its
+slot and its position in that slot. The model's weights are read once per step for all rows.
+
+Inside the model this goes through transformers' public extension points only: the step is the
+``cache=`` of the forward (an object whose ``update`` writes each token's key and value into its slot),
+and the attention function registered as ``"fasteto_slots"`` reads each row's keys and values straight
+from its slot (no gather into a padded batch), causally, through ``scaled_dot_product_attention``. The
+name is unknown to transformers' mask registry, so the model builds no mask of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+
+ATTENTION_NAME = "fasteto_slots"
+
+
+class SlotStore:
+    """The KV of ``num_slots`` rows: per layer, keys and values ``[S, H_kv, C, D]`` (C grows on demand).
+
+    ``valid[s]`` (``[L_s]`` int64) are the token ids whose KV sits in slot ``s`` at positions ``0..L_s-1``.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, capacity: int = 512):
+        self.num_layers, self.num_slots = num_layers, num_slots
+        self.shape = (num_slots, kv_heads, capacity, head_dim)
+        self.dtype, self.device = dtype, device
+        self.keys = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid = [np.zeros(0, dtype=np.int64) for _ in range(num_slots)]
+
+    @property
+    def capacity(self) -> int:
+        return self.shape[2]
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` positions per slot (doubling, so growth copies O(total) in all)."""
+        if tokens <= self.capacity:
+            return
+        new = max(tokens, 2 * self.capacity)
+        self.shape = (*self.shape[:2], new, self.shape[3])
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                grown = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+                grown[:, :, :old.shape[2]] = old
+                buffers[i] = grown
+
+    def copy_prefix(self, source: int, target: int, n: int) -> None:
+        """Slot ``target`` takes the first ``n`` tokens of slot ``source`` (KV and ids)."""
+        for buffers in (self.keys, self.values):
+            for layer in buffers:
+                layer[target, :, :n] = layer[source, :, :n]
+        self.valid[target] = self.valid[source][:n].copy()
+
+    def memory_bytes(self) -> int:
+        return 2 * sum(k.numel() * k.element_size() for k in self.keys)
+
+
+@dataclass
+class PackedStep:
+    """One forward's layout: segment ``i`` holds ``lengths[i]`` new tokens of slot ``slots[i]``, at slot
+    positions ``starts[i] ..`` (positions before ``starts[i]`` are already in the slot).
+
+    ``token_slot``, ``token_pos``: ``[N]`` long, each packed token's slot and position. ``last``: ``[R]``
+    long, the packed index of each segment's last token (whose logits pick the row's next token).
+    """
+
+    store: SlotStore
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]
+    token_slot: torch.Tensor
+    token_pos: torch.Tensor
+    last: torch.Tensor
+
+    @classmethod
+    def build(cls, store: SlotStore, slots: list[int], starts: list[int], lengths: list[int]) -> PackedStep:
+        device = store.device
+        token_slot = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)
+        positions = [torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)]
+        token_pos = torch.cat(positions).to(device)
+        last = (torch.tensor(lengths).cumsum(0) - 1).to(device)
+        return cls(store, slots, starts, lengths, token_slot, token_pos, last)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """``[1, N]``: RoPE positions of the packed tokens."""
+        return self.token_pos[None]
+
+    # The cache protocol the decoder layers use: ``cache.update(key, value, layer_idx, ...)``.
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write the packed tokens' keys/values ``[1, H_kv, N, D]`` into their slots; return them as given
+        (the slot attention reads the slots, not these)."""
+        keys, values = self.store.keys[layer_idx], self.store.values[layer_idx]
+        keys[self.token_slot, :, self.token_pos] = key_states[0].transpose(0, 1).to(keys.dtype)
+        values[self.token_slot, :, self.token_pos] = value_states[0].transpose(0, 1).to(values.dtype)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions come from position_ids; nothing in the model may derive them from this
+
+
+def slot_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                           scaling: float | None = None, *, slot_step: PackedStep | None = None,
+                           sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """An ``AttentionInterface`` function: each segment of ``query`` ``[1, H, N, D]`` attends to its slot's
+    tokens up to its own position (causal), GQA included. Returns ``([1, N, H, D], None)``."""
+    if slot_step is None:
+        raise ValueError(f"{type(module).__name__} uses attention {ATTENTION_NAME!r} but the forward got no "
+                         "slot_step=; only the continuous engine runs this attention")
+    if dropout or attention_mask is not None:
+        raise NotImplementedError("slot attention has no dropout and takes no extra mask")
+    keys, values = slot_step.store.keys[module.layer_idx], slot_step.store.values[module.layer_idx]
+    out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+    offset = 0
+    for slot, start, n in zip(slot_step.slots, slot_step.starts, slot_step.lengths, strict=True):
+        if sliding_window is not None and start + n > sliding_window:
+            raise NotImplementedError(f"a row reached {start + n} tokens, past sliding_window="
+                                      f"{sliding_window}; slot attention has no window")
+        q = query[:, :, offset:offset + n]
+        k, v = keys[slot:slot + 1, :, :start + n], values[slot:slot + 1, :, :start + n]
+        mask = None
+        if n > 1 and start > 0:  # causal, aligned bottom-right: query i sees positions <= start + i
+            mask = torch.ones(n, start + n, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=n > 1 and start == 0, scale=scaling,
+            enable_gqa=True)
+        out[0, offset:offset + n] = o[0].transpose(0, 1)
+        offset += n
+    return out, None
+
+
+AttentionInterface.register(ATTENTION_NAME, slot_attention_forward)
+
+
+@contextmanager
+def slot_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """``model`` (this instance) switched to slot attention inside the block, its previous attention
+    restored after (also on error)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a decoder-only model's full-attention KV."""
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
