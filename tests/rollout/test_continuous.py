@@ -262,25 +262,3 @@ def test_engine_dtype_option(monkeypatch):
     monkeypatch.setattr(continuous, "cpu_has_bf16", lambda: True)
     assert continuous.engine_dtype("auto", torch.float32) == torch.bfloat16
 
-
-@pytest.mark.slow
-def test_smollm2_on_sciworld_matches_the_plain_engine_token_by_token(smollm2, sciworld_env):
-    """SmolLM2-135M plays three turns of two ScienceWorld tasks: the same token ids as the plain engine."""
-    from fasteto.models.load import load_model, load_tokenizer
-
-    model, tokenizer = load_model(smollm2), load_tokenizer(smollm2)
-    cfg = GenerationConfig(max_new_tokens=16)
-    plain, engine = TransformersEngine(model, tokenizer, batch_size=2), ContinuousEngine(model, tokenizer, 2)
-    tasks = ("11_0", "21_52")
-    convs = [sciworld_env.prompt.context(sciworld_env.reset(task)) for task in tasks]
-    played: list[list[str]] = [[], []]
-    for _ in range(3):
-        replies = engine.generate(convs, cfg)
-        assert replies == plain.generate(convs, cfg) and engine.last_token_ids == plain.last_token_ids
-        for i, (task, reply) in enumerate(zip(tasks, replies, strict=True)):
-            sciworld_env.reset(task)  # one simulator for both episodes: replay this one so far
-            for old in played[i]:
-                sciworld_env.step(old)
-            played[i].append(reply)
-            convs[i] = convs[i] + [message(GPT, reply), message(HUMAN, sciworld_env.step(reply).observation)]
-    assert engine.copied_tokens > 500  # the second episode took the instruction and example from the first

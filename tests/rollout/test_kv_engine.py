@@ -139,12 +139,15 @@ def test_seeded_sampling_is_reproducible_and_keeps_training_mode(tokenizer):
 
 @pytest.mark.slow
 def test_smollm2_on_sciworld_matches_the_plain_engine_turn_by_turn(smollm2, sciworld_env):
-    """SmolLM2-135M plays three turns of two ScienceWorld tasks; both engines write the same replies."""
+    """SmolLM2-135M plays three turns of two ScienceWorld tasks; the KV and continuous engines write the
+    same token ids as the plain engine."""
     from fasteto.models.load import load_model, load_tokenizer
+    from fasteto.rollout.continuous import ContinuousEngine
 
     model, tokenizer = load_model(smollm2), load_tokenizer(smollm2)
     cfg = GenerationConfig(max_new_tokens=16)
     plain, cached = TransformersEngine(model, tokenizer, batch_size=2), KVCacheEngine(model, tokenizer, 2)
+    continuous = ContinuousEngine(model, tokenizer, slots=2)
     tasks = ("11_0", "21_52")
     convs = [sciworld_env.prompt.context(sciworld_env.reset(task)) for task in tasks]
     played: list[list[str]] = [[], []]
@@ -152,7 +155,8 @@ def test_smollm2_on_sciworld_matches_the_plain_engine_turn_by_turn(smollm2, sciw
     for _ in range(3):
         plain_prompt_tokens += sum(len(plain.encode(c)) for c in convs)
         replies = cached.generate(convs, cfg)
-        assert replies == plain.generate(convs, cfg)
+        assert replies == plain.generate(convs, cfg) == continuous.generate(convs, cfg)
+        assert cached.last_token_ids == plain.last_token_ids == continuous.last_token_ids
         for i, (task, reply) in enumerate(zip(tasks, replies, strict=True)):
             sciworld_env.reset(task)  # one simulator for both episodes: replay this one so far
             for old in played[i]:
@@ -162,3 +166,5 @@ def test_smollm2_on_sciworld_matches_the_plain_engine_turn_by_turn(smollm2, sciw
             convs[i] = convs[i] + [message(GPT, reply), message(HUMAN, step.observation)]
     # The shared instruction and example are encoded once, then each turn only its new tokens.
     assert cached.prefilled_tokens < plain_prompt_tokens / 4
+    assert continuous.prefilled_tokens < plain_prompt_tokens / 4
+    assert continuous.copied_tokens > 500  # the second episode took the instruction and example
