@@ -77,13 +77,17 @@ class EtoLoop:
 
         from fasteto.rollout.sglang_engine import INSTALL_HINT
 
+        opts = self.cfg.explore
+        if opts.dtype != "model" and opts.engine != "continuous":
+            raise ValueError(f"explore.dtype {opts.dtype}: only the continuous engine takes a dtype of its "
+                             f"own; with --explore.engine {opts.engine} set model.dtype instead")
         if self.cfg.explore.engine == "sglang" and not self.cfg.explore.sglang_url:
             if importlib.util.find_spec("sglang") is None:
                 raise ValueError(f"explore.engine sglang: the sglang package is missing; {INSTALL_HINT}, or "
                                  "pass --explore.sglang_url of a running server")
             if not torch.cuda.is_available():
                 raise ValueError("explore.engine sglang needs a CUDA GPU; on this machine use "
-                                 "--explore.engine kv")
+                                 "--explore.engine continuous")
 
     def _choose_envs(self) -> list[str]:
         from fasteto.envs import EnvSetupError

@@ -179,3 +179,11 @@ def test_sglang_engine_without_sglang_or_gpu_is_refused_before_work(tmp_path, ti
     assert main(argv) == 2
     assert "explore.engine sglang" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_explore_dtype_with_an_engine_that_has_none_is_refused_before_work(tmp_path, tiny_model_dir, capsys):
+    argv = ["--model.name", str(tiny_model_dir), "--run_dir", str(tmp_path / "run"), "--envs.names",
+            "sciworld", "--explore.engine", "kv", "--explore.dtype", "bfloat16"]
+    assert main(argv) == 2
+    assert "explore.dtype bfloat16: only the continuous engine" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

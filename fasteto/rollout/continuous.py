@@ -49,7 +49,6 @@ DEFER_MIN_TOKENS = 64  # a joining row waits a step when a row joining before it
 class Reply:
     """A finished turn: ``token_ids`` are the generated ids without the end-of-turn token."""
 
-    request: int
     key: Hashable
     text: str
     token_ids: list[int]
@@ -57,7 +56,6 @@ class Reply:
 
 @dataclass
 class _Row:
-    request: int
     key: Hashable
     slot: int
     prompt: np.ndarray
@@ -102,7 +100,6 @@ class ContinuousEngine:
         self.owner: list[Hashable | None] = [None] * self.num_slots
         self.used = [0] * self.num_slots
         self.rows: list[_Row] = []
-        self._requests = 0
 
     # Continuous interface ---------------------------------------------------------------------------
 
@@ -115,10 +112,10 @@ class ContinuousEngine:
         return sum(o is None for o in self.owner)
 
     def submit(self, conversation: list[Message], cfg: GenerationConfig, key: Hashable,
-               seed: int | None = None) -> int:
+               seed: int | None = None) -> None:
         """Queue the next reply of ``conversation`` (ending with a human message); it joins at the next
         ``step()``. ``key`` names the episode: it keeps its slot (and KV) until ``release(key)``. ``seed``
-        seeds this row's sampling (ignored when greedy). Returns the request number."""
+        seeds this row's sampling (ignored when greedy)."""
         prompt = np.asarray(encode_prompt(self.tokenizer, conversation, self.max_context, cfg.max_new_tokens),
                             dtype=np.int64)
         if any(row.key == key for row in self.rows):
@@ -127,9 +124,7 @@ class ContinuousEngine:
         generator = None
         if not cfg.greedy and seed is not None:
             generator = torch.Generator(device=self.store.device).manual_seed(seed)
-        self._requests += 1
-        self.rows.append(_Row(self._requests, key, slot, prompt, cfg, generator))
-        return self._requests
+        self.rows.append(_Row(key, slot, prompt, cfg, generator))
 
     def release(self, key: Hashable) -> None:
         """``key``'s episode is over: its slot may take another row (its KV stays, for prefix reuse)."""
@@ -250,7 +245,7 @@ class ContinuousEngine:
                 done.append(row)
         for row in done:
             self.rows.remove(row)
-        return [Reply(r.request, r.key, decode_reply(self.tokenizer, r.generated, self.stops),
+        return [Reply(r.key, decode_reply(self.tokenizer, r.generated, self.stops),
                       until_stop(r.generated, self.stops)) for r in done]
 
 

@@ -1,6 +1,9 @@
 """The explorer: the current policy plays every task once, and each finished episode is stored at once.
 
-Up to ``concurrency`` episodes are in flight, each in its own environment. Every round the engine writes
+Up to ``concurrency`` episodes are in flight, each in its own environment. With an engine that can take
+rows one at a time (``ContinuousEngine``: ``submit``/``step``/``release``) there are no rounds: a finished
+reply goes to its environment while the other rows keep decoding, and the next prompt joins the running
+batch when the observation is back. With any other engine, every round the engine writes
 the next reply of all live episodes in one batched call, then every environment applies its reply (in
 threads: a ScienceWorld step waits on its own JVM; ALFWorld, which cannot step in threads, runs each
 environment in its own process through ``ProcessEnv``). A finished episode is appended to a JSON Lines
@@ -170,34 +173,34 @@ class _Explorer:
         bar = tqdm(total=len(queue), desc="explore", unit="episode", disable=not progress)
         start = time.time()
         try:
-            if hasattr(self.engine, "submit"):
-                with ThreadPoolExecutor(len(self.slots)) as pool:
-                    self._run_continuous(queue, pool, bar, start)
-                return
             with ThreadPoolExecutor(len(self.slots)) as pool:
-                rounds = steps = 0
-                while queue or any(ep is not None for ep in self.slots):
-                    bar.update(self._fill(queue, pool))
-                    live = [i for i, ep in enumerate(self.slots) if ep is not None]
-                    if not live:
-                        continue
-                    replies = self._generate([self.slots[i].conversation() for i in live],
-                                             self._round_config(rounds))
-                    for i, ids in zip(live, getattr(self.engine, "last_token_ids", None) or [], strict=False):
-                        self.slots[i].reply_ids.append(list(ids))
-                    rounds += 1
-                    results = self._map(pool, self._step, live, replies)
-                    for i in live:
-                        self.reports[self.slots[i].job].env_steps += 1
-                    steps += len(live)
-                    bar.update(sum(self._settle(i, r, queue) for i, r in zip(live, results, strict=True)))
-                    rate = steps / (time.time() - start)
-                    bar.set_postfix(steps_per_s=f"{rate:.1f}", refresh=False)  # shown at the bar's own pace
+                loop = self._run_continuous if hasattr(self.engine, "submit") else self._run_rounds
+                loop(queue, pool, bar, start)
         finally:
             bar.close()
             for env in self.envs + [e for idle in self.idle.values() for e in idle]:
                 if env is not None:
                     env.close()
+
+    def _run_rounds(self, queue: deque[_Episode], pool: ThreadPoolExecutor, bar, start: float) -> None:
+        """Lockstep rounds: one batched engine call for every live episode, then every env steps."""
+        rounds = steps = 0
+        while queue or any(ep is not None for ep in self.slots):
+            bar.update(self._fill(queue, pool))
+            live = [i for i, ep in enumerate(self.slots) if ep is not None]
+            if not live:
+                continue
+            replies = self._generate([self.slots[i].conversation() for i in live], self._round_config(rounds))
+            for i, ids in zip(live, getattr(self.engine, "last_token_ids", None) or [], strict=False):
+                self.slots[i].reply_ids.append(list(ids))
+            rounds += 1
+            results = self._map(pool, self._step, live, replies)
+            for i in live:
+                self.reports[self.slots[i].job].env_steps += 1
+            steps += len(live)
+            bar.update(sum(self._settle(i, r, queue) for i, r in zip(live, results, strict=True)))
+            rate = steps / (time.time() - start)
+            bar.set_postfix(steps_per_s=f"{rate:.1f}", refresh=False)  # shown at the bar's own pace
 
     def _run_continuous(self, queue: deque[_Episode], pool: ThreadPoolExecutor, bar, start: float) -> None:
         """Continuous batching: the engine steps token by token; a row whose reply is done goes to its

@@ -213,7 +213,7 @@ class ContinuousReplay:
 
     def step(self):
         (key, conv, cfg), self.rows = self.rows[0], self.rows[1:]
-        return [Reply(0, key, self.replay.generate([conv], cfg)[0], [len(conv)])]
+        return [Reply(key, self.replay.generate([conv], cfg)[0], [len(conv)])]
 
     def release(self, key):
         self.released.append(key)
