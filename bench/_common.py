@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import json
 import platform
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from fasteto.utils.choices import auto_choices
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +35,10 @@ def device_description(device: torch.device | str) -> str:
 
 
 def versions() -> dict[str, str | None]:
-    """Python and the installed torch / triton / transformers versions (None when not installed)."""
+    """Python and the installed torch / triton / transformers / peft / trl versions (None when not
+    installed)."""
     found: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("torch", "triton", "transformers"):
+    for package in ("torch", "triton", "transformers", "peft", "trl"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -42,8 +46,11 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+@functools.cache
 def git_state() -> dict[str, str | bool | None]:
-    """``git_sha`` (HEAD) and ``git_dirty`` (uncommitted changes), None outside a git checkout."""
+    """``git_sha`` (HEAD) and ``git_dirty`` (uncommitted changes outside ``bench/results/``), taken once
+    per process: the rows a run appends to ``bench/results/`` must not mark the run's later rows dirty.
+    None outside a git checkout."""
 
     def git(*args: str) -> str | None:
         try:
@@ -52,18 +59,20 @@ def git_state() -> dict[str, str | bool | None]:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    sha, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
     return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
 
 
 def record_result(name: str, row: dict) -> dict:
-    """Append ``row`` plus time, git state and versions as one JSON line to ``bench/results/<name>.jsonl``.
+    """Append ``row`` plus time, git state, versions and the auto choices made so far in this process
+    (``fasteto.utils.choices``) as one JSON line to ``bench/results/<name>.jsonl``.
 
     One ``write`` of one line on a file opened for appending, so concurrent runs do not interleave rows.
     Returns the full row.
     """
     full = {"utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **git_state(), "versions": versions(), **row}
+            **git_state(), "versions": versions(), "auto_choices": auto_choices(), **row}
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{name}.jsonl", "a", encoding="utf-8") as out:
         out.write(json.dumps(full, sort_keys=True) + "\n")

@@ -199,8 +199,9 @@ class EnvsConfig:
 
 
 @dataclasses.dataclass
-class TrainerOptions:
-    """How a stage trains; both SFT and DPO have these (``--sft.trainer plain``, ``--dpo.lora_rank 16``)."""
+class BackendOptions:
+    """How a stage runs its micro-batches. The trainer's own ``TrainConfig`` inherits these fields, so
+    their names, defaults, choices and help exist once."""
 
     trainer: typing.Literal["fast", "plain"] = _help(
         "fast: packed shared-prefix token trees, tree attention and fused log-probs; plain: the padded "
@@ -208,12 +209,19 @@ class TrainerOptions:
     token_budget: int = _help("fast trainer: packed tokens per micro-batch (micro_batch is not used); "
                               "must hold the longest sequence or pair", 8192)
     attn_impl: typing.Literal["auto", "reference", "flex", "varlen", "varlen_eager"] = _help(
-        "fast trainer: tree attention backend; auto: varlen (FlashAttention) or flex on CUDA, reference "
-        "elsewhere", "auto")
-    logprob_impl: typing.Literal["auto", "triton", "torch", "reference"] = _help(
-        "fast trainer: fused log-prob backend; auto: triton on CUDA, torch elsewhere", "auto")
+        "fast trainer: tree attention backend; auto: varlen (FlashAttention) when it can run on CUDA, else "
+        "flex on CUDA, varlen_eager elsewhere", "auto")
+    logprob_impl: typing.Literal["auto", "triton", "torch", "native", "reference"] = _help(
+        "fast trainer: fused log-prob backend; auto: triton on CUDA, elsewhere native when built, else "
+        "torch", "auto")
     gradient_checkpointing: bool = _help(
         "recompute each decoder layer in backward: less memory, more compute", False)
+
+
+@dataclasses.dataclass
+class TrainerOptions(BackendOptions):
+    """How a stage trains; both SFT and DPO have these (``--sft.trainer plain``, ``--dpo.lora_rank 16``)."""
+
     lora_rank: int = _help("LoRA rank; 0: train every weight. Checkpoints hold the merged weights", 0)
     lora_alpha: float = _help("LoRA alpha: the adapter's update is scaled by alpha / rank", 32.0)
     lora_dropout: float = _help("dropout on the LoRA adapters' input", 0.0)

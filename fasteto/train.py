@@ -33,6 +33,7 @@ from fasteto.config import (
     update,
 )
 from fasteto.run import RunFolder, RunFolderError
+from fasteto.utils.choices import print_choices_to
 
 
 def parse_config(argv: list[str] | None) -> RunConfig:
@@ -71,8 +72,9 @@ def sample(ids: list[str], n: int | None, seed: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    print_choices_to(sys.stdout)  # auto choices (backends, dtypes) as they are made
     from fasteto.envs import EnvSetupError
-    from fasteto.loop import EtoLoop
+    from fasteto.phases import EtoLoop
 
     try:
         loop = EtoLoop(cfg)

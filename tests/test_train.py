@@ -143,7 +143,7 @@ def test_unknown_task_id_is_refused_before_work(tmp_path, tiny_model_dir, capsys
 
 
 def test_batch_sizes_fit_small_data_and_divide():
-    from fasteto.loop import batch_sizes
+    from fasteto.phases import batch_sizes
 
     assert batch_sizes(100, 64, 8) == (64, 8)
     assert batch_sizes(5, 64, 4) == (5, 1)  # 5 items: one step of 5, micro batches of 1

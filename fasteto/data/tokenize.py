@@ -1,6 +1,6 @@
 """Conversations to token ids and loss masks, rendered with the tokenizer's own chat template.
 
-ETO's roles map to the template's: ``human`` → ``user``, ``gpt`` → ``assistant``.
+The rendering itself (roles, template, generation prompt) is ``data.chat``'s, shared with inference.
 
 **Which tokens are the model's.** For the assistant message at index k, its *turn* is the text the
 template adds for it after the generation prompt::
@@ -34,29 +34,11 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from fasteto.data.chat import render, to_chat
 from fasteto.data.tokenized import TokenizedPair, TokenizedSequence
-from fasteto.data.types import GPT, HUMAN, Message, Pair, Trajectory
-
-ROLES = {HUMAN: "user", GPT: "assistant"}
+from fasteto.data.types import GPT, Pair, Trajectory
 
 Span = tuple[int, int]  # [start, end) in characters of the rendered text
-
-
-def to_chat(messages: list[Message]) -> list[dict[str, str]]:
-    """ETO messages ``{"from", "value"}`` → chat-template messages ``{"role", "content"}``."""
-    chat = []
-    for i, msg in enumerate(messages):
-        role = ROLES.get(msg.get("from"))
-        if role is None:
-            raise ValueError(f"message {i} has role {msg.get('from')!r}; ETO files use 'human' or 'gpt'")
-        chat.append({"role": role, "content": msg["value"]})
-    return chat
-
-
-def render(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]],
-           add_generation_prompt: bool) -> str:
-    """The chat template's text for ``chat``."""
-    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def model_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]],

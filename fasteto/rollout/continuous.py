@@ -41,6 +41,7 @@ from fasteto.rollout.engine import (
 )
 from fasteto.rollout.prefix_cache import common_prefix
 from fasteto.rollout.slot_kv import PackedStep, SlotStore, kv_shape, slot_attention
+from fasteto.utils.choices import record_choice
 
 DEFER_MIN_TOKENS = 64  # a joining row waits a step when a row joining before it will hold this much more
 
@@ -272,5 +273,9 @@ def engine_dtype(option: str, model_dtype: torch.dtype, device: str = "cpu") -> 
     """The continuous engine's weight dtype for ``--explore.dtype`` (see ``ExploreConfig.dtype``)."""
     if option == "auto":
         native = device == "cuda" or cpu_has_bf16()
-        return torch.bfloat16 if native else model_dtype
+        chosen = torch.bfloat16 if native else model_dtype
+        why = ("CUDA" if device == "cuda" else "the CPU has AVX-512 BF16 or AMX") if native else \
+            "no bf16 hardware found in /proc/cpuinfo: the model's dtype"
+        record_choice(f"explore.dtype ({device})", str(chosen).removeprefix("torch."), why)
+        return chosen
     return {"model": model_dtype, "float32": torch.float32, "bfloat16": torch.bfloat16}[option]

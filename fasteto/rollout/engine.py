@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 import torch
 
-from fasteto.data.types import GPT, HUMAN, Message
+from fasteto.data.chat import prompt_ids
+from fasteto.data.types import HUMAN, Message
 
-ROLES = {HUMAN: "user", GPT: "assistant"}
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
@@ -58,11 +58,6 @@ class PolicyEngine(Protocol):
         ...
 
 
-def to_chat(conversation: Sequence[Message]) -> list[dict[str, str]]:
-    """ETO messages (``from``: human/gpt) as chat-template messages (``role``: user/assistant)."""
-    return [{"role": ROLES[m["from"]], "content": m["value"]} for m in conversation]
-
-
 def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     """Every token that ends a turn: the tokenizer's eos, the model's configured eos, and known
     end-of-turn tokens (``<|im_end|>``, ...) present in the vocabulary."""
@@ -79,13 +74,6 @@ def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def template_ids(tokenizer: Any, conversation: Sequence[Message]) -> list[int]:
-    """Token ids of ``conversation`` through the chat template, with the generation prompt."""
-    text = tokenizer.apply_chat_template(to_chat(conversation), tokenize=False, add_generation_prompt=True)
-    # The template writes its own special tokens (bos, turn markers): add none on top.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def encode_prompt(tokenizer: Any, conversation: list[Message], max_context: int | None,
                   max_new_tokens: int = 0) -> list[int]:
     """Token ids of ``conversation`` formatted for the model's next reply.
@@ -97,7 +85,7 @@ def encode_prompt(tokenizer: Any, conversation: list[Message], max_context: int 
     """
     if not conversation or conversation[-1]["from"] != HUMAN:
         raise ValueError("a conversation given to the engine must end with a human message")
-    ids = template_ids(tokenizer, conversation)
+    ids = prompt_ids(tokenizer, conversation)
     if max_context is None:
         return ids
     budget = max_context - max_new_tokens
@@ -109,7 +97,7 @@ def encode_prompt(tokenizer: Any, conversation: list[Message], max_context: int 
                 f"last message, over max_context={max_context} minus max_new_tokens="
                 f"{max_new_tokens}; raise max_context or lower max_new_tokens")
         kept = kept[:2] + kept[4:]
-        ids = template_ids(tokenizer, kept)
+        ids = prompt_ids(tokenizer, kept)
     return ids
 
 

@@ -144,13 +144,12 @@ def slot_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     return out, None
 
 
-AttentionInterface.register(ATTENTION_NAME, slot_attention_forward)
-
-
 @contextmanager
 def slot_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
     """``model`` (this instance) switched to slot attention inside the block, its previous attention
-    restored after (also on error)."""
+    restored after (also on error). Registers ``"fasteto_slots"`` in ``AttentionInterface`` first
+    (idempotent; nothing registers at import)."""
+    AttentionInterface.register(ATTENTION_NAME, slot_attention_forward)
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     try:

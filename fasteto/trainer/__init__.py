@@ -10,6 +10,7 @@ from fasteto.trainer.checkpoint import (
     save_checkpoint,
     step_dir,
 )
+from fasteto.trainer.config import TRAINERS, TrainConfig
 from fasteto.trainer.distributed import setup_distributed, shard_model
 from fasteto.trainer.logprobs import (
     autocast_context,
@@ -19,14 +20,7 @@ from fasteto.trainer.logprobs import (
     sequence_logps,
     token_logps,
 )
-from fasteto.trainer.loop import (
-    NonFiniteLossError,
-    TrainConfig,
-    lr_factor,
-    make_scheduler,
-    train_dpo,
-    train_sft,
-)
+from fasteto.trainer.loop import NonFiniteLossError, lr_factor, make_scheduler
 from fasteto.trainer.lora import apply_lora
 from fasteto.trainer.losses import (
     PREFERENCE_LOSSES,
@@ -37,12 +31,13 @@ from fasteto.trainer.losses import (
     preference_loss,
     sft_loss,
 )
-from fasteto.trainer.packed import PackedLogps, packed_sequence_logps, reference_logps_packed
+from fasteto.trainer.packed import reference_logps_packed
+from fasteto.trainer.stages import train_dpo, train_sft
 
 __all__ = [
     "NonFiniteLossError",
     "PREFERENCE_LOSSES",
-    "PackedLogps",
+    "TRAINERS",
     "TrainConfig",
     "apply_lora",
     "autocast_context",
@@ -59,7 +54,6 @@ __all__ = [
     "lr_factor",
     "make_scheduler",
     "micro_batches",
-    "packed_sequence_logps",
     "pad_pairs",
     "pad_sequences",
     "preference_loss",

@@ -16,7 +16,7 @@ Step metrics are summed across processes, so every process reports the global va
 Sharding: every decoder layer is its own FSDP unit; the root unit holds the rest (embedding, final norm,
 LM head) and must be the module whose ``forward`` the trainer calls, because FSDP gathers a unit's
 parameters only around its forward. The plain trainer calls the causal LM; the fast trainer calls the
-hidden states and the LM head weight through :class:`~fasteto.trainer.packed.PackedLogps`, so for it the
+hidden states and the LM head weight through :class:`~fasteto.models.packed.PackedLogps`, so for it the
 root is that wrapper (``shard_model`` returns it; pass it to the trainer as the model).
 
 Not supported yet in multi-process runs: checkpoints and resuming (the trainer refuses them).
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fasteto.trainer.packed import PackedLogps, causal_lm
+from fasteto.models.packed import PackedLogps, causal_lm
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -15,6 +15,7 @@ import torch
 
 from fasteto.data.tokenized import TokenizedPair
 from fasteto.trainer.batching import micro_batches, pad_pairs
+from fasteto.utils.choices import record_choice
 from fasteto.utils.io import atomic_write_json
 
 REFERENCE_FORMAT = "fasteto.reference_logps.v1"
@@ -25,6 +26,8 @@ def autocast_context(device: torch.device, bf16: bool | str = "auto") -> context
     whatever device the model is on (CPU included); ``False``: never."""
     if bf16 == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        why = "CUDA with bf16" if bf16 else f"{device.type}: bf16 autocast only on CUDA with bf16 support"
+        record_choice(f"bf16 autocast ({device.type})", str(bf16), why)
     elif not isinstance(bf16, bool):
         raise ValueError(f"bf16 must be True, False or 'auto', got {bf16!r}")
     if bf16:

@@ -1,293 +1,240 @@
-"""The trainer: SFT (ETO step 1) and DPO (ETO step 4), with two interchangeable ways to run a batch.
+"""The optimisation loop shared by SFT and DPO and by both trainers: LR schedule, epochs of global
+batches, gradient accumulation over micro-batches, clipping, non-finite checks, checkpoints and resume,
+and the split of micro-batches over the processes of a ``torchrun`` group.
 
-One optimizer step consumes one *global batch* of ``cfg.global_batch`` items (the last step of an epoch
-may have fewer), run as micro-batches whose gradients accumulate. Each micro-batch loss is scaled so the
-accumulated gradient equals the gradient of the whole global batch's loss: SFT divides token sums by the
-global batch's model-token count; DPO multiplies each micro-batch's pair-mean by (its pairs / global
-pairs). The item order of each epoch comes from ``(seed, epoch)`` only, so a run resumed from a
-checkpoint replays exactly the batches (and losses) of an uninterrupted run; a fresh run seeds torch's
-global RNG with ``cfg.seed`` (dropout), a resumed one restores the saved RNG state.
-
-``cfg.trainer`` picks how a micro-batch runs:
-
-- ``"plain"``, the reference: micro-batches of ``cfg.micro_batch`` items, right-padded, full logits.
-- ``"fast"``: micro-batches of at most ``cfg.token_budget`` packed tokens (``packing.plan_micro_batches``),
-  each one padding-free token tree whose shared prefixes are computed once, tree attention inside the
-  model and fused log-probs on the LM head (``trainer.packed``). Same losses as "plain" in exact
-  arithmetic: a shared token's log-prob counts for every sequence through it.
-
-In a ``torchrun`` process group (``trainer.distributed``) each process runs its share of every global
-batch's micro-batches and the gradients are summed.
+What differs between stages and trainers comes in as a :class:`Stage`: how a global batch is cut into
+micro-batches and how one micro-batch gives its (already normalised) loss.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from fasteto.data.tokenized import TokenizedPair, TokenizedSequence
-from fasteto.ops.logprob.api import IMPLS as LOGPROB_IMPLS
-from fasteto.ops.tree_attention import IMPLS as ATTN_IMPLS
-from fasteto.packing import pack_pairs, pack_sequences, plan_micro_batches
-from fasteto.trainer.batching import micro_batches, pad_pairs, pad_sequences
-from fasteto.trainer.distributed import is_sharded
-from fasteto.trainer.logprobs import model_device, sequence_logps, token_logps
-from fasteto.trainer.losses import PREFERENCE_LOSSES, preference_loss, sft_loss
-from fasteto.trainer.packed import PackedLogps
-from fasteto.trainer.steps import (  # noqa: F401  (re-exported: the trainer's public names live here)
-    MicroFn,
-    NonFiniteLossError,
-    OnStep,
-    Stage,
-    lr_factor,
-    make_scheduler,
-    run_stage,
-)
+from fasteto.models.packed import causal_lm, tree_attention_enabled
+from fasteto.trainer.batching import epoch_order
+from fasteto.trainer.checkpoint import restore_training, save_checkpoint, step_dir, training_state
+from fasteto.trainer.config import TrainConfig
+from fasteto.trainer.distributed import all_reduce_sum, rank_share, world
+from fasteto.trainer.logprobs import autocast_context, model_device
 
-TRAINERS = ("fast", "plain")
+OnStep = Callable[[dict[str, Any]], None]
+# micro-batch function: (item indices, global-batch normaliser) -> (scaled loss, weighted metrics, tokens)
+MicroResult = tuple[torch.Tensor, dict[str, float], int]
+MicroFn = Callable[[list[int], float], MicroResult]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient norm was NaN/inf. Carries ``step`` (1-based optimizer step), ``ids`` (item ids
+    of the micro-batch whose loss was non-finite, or of the whole global batch for a gradient norm) and
+    ``checkpoint`` (the last checkpoint saved in this run or resumed from, or None)."""
+
+    def __init__(
+        self, what: str, value: float, step: int, epoch: int, ids: list[Any], checkpoint: Path | None
+    ):
+        self.step, self.ids, self.checkpoint = step, ids, checkpoint
+        where = str(checkpoint) if checkpoint is not None else "none saved yet"
+        super().__init__(
+            f"non-finite {what} ({value}) at optimizer step {step} (epoch {epoch}); batch item ids: {ids}; "
+            f"last good checkpoint: {where}. Inspect these items or lower the learning rate, then restart "
+            "(resume_from=<checkpoint> continues from a saved step)"
+        )
+
+
+def lr_factor(step: int, total_steps: int, warmup_ratio: float, schedule: str) -> float:
+    """LR multiplier before optimizer step ``step`` (0-based), matching transformers'
+    ``get_cosine_schedule_with_warmup`` / ``get_constant_schedule_with_warmup`` with
+    ``warmup = ceil(warmup_ratio * total_steps)``: linear 0 → 1 over the warmup, then cosine to 0 at
+    ``total_steps`` or constant 1."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of ``cfg`` (its ``warmup_ratio`` and ``schedule``) over ``total_steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_ratio, cfg.schedule)
+    )
 
 
 @dataclass
-class TrainConfig:
-    """One training stage. Defaults are ETO's SFT settings; ``TrainConfig.dpo(iteration)`` gives DPO's."""
+class Stage:
+    """One training stage as the loop sees it.
 
-    lr: float = 2e-5
-    epochs: int = 3
-    global_batch: int = 64  # items per optimizer step
-    micro_batch: int = 1  # plain trainer: items per forward pass; must divide global_batch
-    schedule: str = "cosine"  # "cosine" | "constant" (both with linear warmup from 0)
-    warmup_ratio: float = 0.03  # warmup steps = ceil(ratio * total steps), as Hugging Face's Trainer
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still reported)
-    beta: float = 0.1  # DPO β
-    loss: str = "sigmoid"  # one of losses.PREFERENCE_LOSSES: "sigmoid" | "ipo" | "sigmoid_norm" | "hinge"
-    seed: int = 0
-    bf16: bool | str = "auto"  # "auto": autocast bf16 only on CUDA with bf16; True: also on CPU
-    pad_id: int = 0  # plain trainer: any valid id; padding is masked out of attention and loss
-    save_every: int = 0  # checkpoint every N steps (0: only the last step of the call)
-    # stop after this optimizer step (None: run all); the LR schedule still spans all epochs
-    stop_at_step: int | None = None
-    trainer: str = "fast"  # "fast": packed token trees + fused log-probs; "plain": the padded reference
-    token_budget: int = 8192  # fast trainer: packed tokens per micro-batch (micro_batch is not used)
-    attn_impl: str = "auto"  # fast trainer: tree attention backend (fasteto.ops.tree_attention.IMPLS)
-    logprob_impl: str = "auto"  # fast trainer: fused log-prob backend (fasteto.ops.logprob.api.IMPLS)
-    gradient_checkpointing: bool = False  # both trainers: recompute each decoder layer in backward
-
-    @classmethod
-    def sft(cls, **overrides: Any) -> TrainConfig:
-        return cls(**overrides)
-
-    @classmethod
-    def dpo(cls, iteration: int = 1, **overrides: Any) -> TrainConfig:
-        """ETO's DPO: batch 32, 3 epochs, constant LR with 10% warmup; β 0.1 / lr 1e-6 in iteration 1,
-        β 0.5 / lr 5e-7 afterwards."""
-        first = iteration <= 1
-        base = dict(
-            lr=1e-6 if first else 5e-7,
-            beta=0.1 if first else 0.5,
-            global_batch=32,
-            schedule="constant",
-            warmup_ratio=0.1,
-        )
-        return cls(**{**base, **overrides})
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first option that cannot be used, and what is allowed."""
-        if self.trainer not in TRAINERS:
-            raise ValueError(f"trainer must be 'fast' or 'plain', got {self.trainer!r}")
-        if self.global_batch < 1:
-            raise ValueError(f"global_batch must be ≥ 1, got {self.global_batch}")
-        if self.trainer == "plain" and (self.micro_batch < 1 or self.global_batch % self.micro_batch):
-            raise ValueError(
-                f"micro_batch ({self.micro_batch}) must divide global_batch ({self.global_batch})"
-            )
-        budget = self.token_budget
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"token_budget must be a positive number of tokens, got {self.token_budget!r}")
-        for name, value, allowed in (("attn_impl", self.attn_impl, ATTN_IMPLS),
-                                     ("logprob_impl", self.logprob_impl, LOGPROB_IMPLS),
-                                     ("schedule", self.schedule, ("cosine", "constant")),
-                                     ("loss", self.loss, PREFERENCE_LOSSES)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(
-                f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}"
-            )
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be ≥ 1, got {self.epochs}")
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def train_sft(
-    model: torch.nn.Module,
-    seqs: Sequence[TokenizedSequence],
-    cfg: TrainConfig,
-    on_step: OnStep | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume_from: str | os.PathLike | None = None,
-) -> list[dict[str, Any]]:
-    """Behavioural cloning: token-mean cross-entropy on model tokens of each global batch.
-
-    ``model``: a transformers causal LM, possibly peft-wrapped (``lora.apply_lora``), or what
-    ``distributed.shard_model`` returned. Returns the metrics of every step this call ran (also passed to
-    ``on_step``): ``step`` (1-based), ``epoch`` (0-based), ``loss``, ``lr``, ``grad_norm``, ``tokens``
-    (tokens run: non-pad tokens for "plain", packed tokens for "fast"), ``tokens_per_s``, ``tokens_plain``
-    (the non-pad tokens of the sequences, whichever trainer ran) and ``tokens_plain_per_s``,
-    ``model_tokens``, and ``checkpoint`` when one was saved after the step.
+    kind: "sft" or "dpo" (recorded in checkpoints). ids: the items' ids (for error messages).
+    normaliser: global batch (item indices) -> the number its micro-batch losses are divided by.
+    cut: global batch -> micro-batches (lists of item indices, each item once).
+    micro: see ``MicroFn``; its loss is already scaled by the global normaliser.
+    runner: the module whose forward ``micro`` calls (the model, or a ``PackedLogps`` around it).
     """
-    cfg.validate()
-    n_model = [sum(s.loss_mask[1:]) for s in seqs]
-    if empty := [s.id for s, n in zip(seqs, n_model, strict=True) if n == 0]:
-        raise ValueError(
-            f"SFT sequences without model tokens (fix their loss masks or drop them): {empty[:10]}"
-        )
-    model, runner = _models(model, cfg)
-    make = _sft_fast if cfg.trainer == "fast" else _sft_plain
-    stage = Stage("sft", [s.id for s in seqs], lambda idx: float(sum(n_model[i] for i in idx)),
-                  _cutter(seqs, cfg), make(seqs, n_model, cfg, runner), runner)
-    return run_stage(model, stage, cfg, on_step, checkpoint_dir, resume_from)
+
+    kind: str
+    ids: list[Any]
+    normaliser: Callable[[list[int]], float]
+    cut: Callable[[list[int]], list[list[int]]]
+    micro: MicroFn
+    runner: torch.nn.Module
 
 
-def _sft_plain(seqs: Sequence[TokenizedSequence], n_model: list[int], cfg: TrainConfig,
-               model: torch.nn.Module) -> MicroFn:
-    device = model_device(model)
-
-    def micro(idx: list[int], global_tokens: float) -> tuple[torch.Tensor, dict[str, float], int]:
-        batch = _to(pad_sequences([seqs[i] for i in idx], cfg.pad_id), device)
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
-        loss = sft_loss(token_logps(logits, batch["input_ids"]), batch["loss_mask"], global_tokens)
-        tokens = int(batch["attention_mask"].sum())
-        metrics = {"model_tokens": float(sum(n_model[i] for i in idx)), "tokens_plain": float(tokens)}
-        return loss, metrics, tokens
-
-    return micro
-
-
-def _sft_fast(seqs: Sequence[TokenizedSequence], n_model: list[int], cfg: TrainConfig,
-              runner: torch.nn.Module) -> MicroFn:
-    device = model_device(runner)
-
-    def micro(idx: list[int], global_tokens: float) -> tuple[torch.Tensor, dict[str, float], int]:
-        chunk = [seqs[i] for i in idx]
-        batch = pack_sequences(chunk).to(device)
-        sums, _ = runner(batch, cfg.attn_impl, cfg.logprob_impl)
-        metrics = {"model_tokens": float(sum(n_model[i] for i in idx)),
-                   "tokens_plain": float(sum(len(s.input_ids) for s in chunk))}
-        return -sums.sum() / global_tokens, metrics, batch.num_tokens
-
-    return micro
-
-
-def train_dpo(
+def run_stage(
     model: torch.nn.Module,
-    pairs: Sequence[TokenizedPair],
-    ref_logps: dict[int, tuple[float, float]],
+    stage: Stage,
     cfg: TrainConfig,
-    on_step: OnStep | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume_from: str | os.PathLike | None = None,
+    on_step: OnStep | None,
+    checkpoint_dir: str | os.PathLike | None,
+    resume_from: str | os.PathLike | None,
 ) -> list[dict[str, Any]]:
-    """DPO against precomputed reference log-probs (``logprobs.reference_logps`` or
-    ``packed.reference_logps_packed``, keyed by pair index).
+    """Train ``model`` (the causal LM, possibly peft-wrapped) for ``cfg.epochs``; returns the metrics of
+    every step run. ``cfg`` is a validated ``TrainConfig``."""
+    if not stage.ids:
+        raise ValueError(f"{stage.kind}: nothing to train on (0 items)")
+    if world()[1] > 1 and (checkpoint_dir is not None or resume_from is not None):
+        raise NotImplementedError("checkpoints and resuming are not supported in multi-process runs yet; "
+                                  "pass checkpoint_dir=None and resume_from=None")
+    per_epoch = math.ceil(len(stage.ids) / cfg.global_batch)
+    total = per_epoch * cfg.epochs
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg, total)
+    step, last_ckpt = 0, None
+    if resume_from is not None:
+        step = restore_training(resume_from, model, optimizer, scheduler, kind=stage.kind,
+                                n_items=len(stage.ids), total_steps=total)
+        last_ckpt = Path(resume_from)
+    else:
+        torch.manual_seed(cfg.seed)
+    end = min(total, cfg.stop_at_step or total)
+    stage.runner.train()
+    history: list[dict[str, Any]] = []
+    with _checkpointing(model, cfg.gradient_checkpointing):
+        while step < end:
+            epoch, k = divmod(step, per_epoch)
+            order = epoch_slice(len(stage.ids), cfg.seed, epoch, k, cfg.global_batch)
+            metrics = _optimizer_step(model, optimizer, scheduler, order, cfg, stage,
+                                      (step + 1, epoch, last_ckpt))
+            step += 1
+            due = step == end or (cfg.save_every and step % cfg.save_every == 0)
+            if checkpoint_dir is not None and due:
+                state = training_state(optimizer, scheduler, kind=stage.kind, step=step,
+                                       n_items=len(stage.ids), total_steps=total, config=asdict(cfg))
+                last_ckpt = save_checkpoint(model, step_dir(checkpoint_dir, step), trainer_state=state)
+                metrics["checkpoint"] = str(last_ckpt)
+            history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
+    return history
 
-    Metrics as ``train_sft`` (without ``model_tokens``) plus ``rewards/chosen``, ``rewards/rejected``,
-    ``rewards/accuracy``, ``rewards/margin`` (see ``losses``) and ``logps/chosen``, ``logps/rejected``
-    (policy summed log-probs), all means over the global batch's pairs.
-    """
-    cfg.validate()
-    if missing := [i for i in range(len(pairs)) if i not in ref_logps]:
-        raise ValueError(
-            f"ref_logps lacks pairs {missing[:10]}: compute reference_logps on this exact pair list"
-        )
-    if empty := [p.id for p in pairs if not any(p.chosen_mask) or not any(p.rejected_mask)]:
-        raise ValueError(f"DPO pairs whose chosen or rejected has no model tokens: {empty[:10]}")
-    model, runner = _models(model, cfg)
-    make = _dpo_fast if cfg.trainer == "fast" else _dpo_plain
-    stage = Stage("dpo", [p.id for p in pairs], lambda idx: float(len(idx)), _cutter(pairs, cfg),
-                  make(pairs, ref_logps, cfg, runner), runner)
-    return run_stage(model, stage, cfg, on_step, checkpoint_dir, resume_from)
+
+def epoch_slice(n: int, seed: int, epoch: int, k: int, global_batch: int) -> list[int]:
+    """Item indices of global batch ``k`` of ``epoch``."""
+    return epoch_order(n, seed, epoch)[k * global_batch : (k + 1) * global_batch]
 
 
-def _dpo_plain(pairs: Sequence[TokenizedPair], ref_logps: dict[int, tuple[float, float]], cfg: TrainConfig,
-               model: torch.nn.Module) -> MicroFn:
+@contextlib.contextmanager
+def _checkpointing(model: torch.nn.Module, enable: bool):
+    """Activation checkpointing of every decoder layer (non-reentrant) for the duration, if ``enable``."""
+    lm = causal_lm(model)
+    if not enable or lm.is_activation_checkpointing:  # off, or the caller's own setting: leave it be
+        yield
+        return
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(lm).__name__} does not support gradient checkpointing; set "
+                         "gradient_checkpointing=False")
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        lm.activation_checkpointing_disable()
+
+
+def _optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    batch: list[int],
+    cfg: TrainConfig,
+    stage: Stage,
+    where: tuple[int, int, Path | None],
+) -> dict[str, Any]:
+    """One optimizer step over the global batch ``batch`` (item indices); ``where`` = (step, epoch, last
+    checkpoint) for error messages."""
+    step, epoch, last_ckpt = where
+    start = time.perf_counter()
     device = model_device(model)
-
-    def micro(idx: list[int], global_pairs: float) -> tuple[torch.Tensor, dict[str, float], int]:
-        batch = _to(pad_pairs([pairs[i] for i in idx], cfg.pad_id), device)
-        logp, n_tok = sequence_logps(model, batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
-        b = len(idx)
-        loss, out = _dpo_loss(cfg, ref_logps, idx, (logp[:b], logp[b:]), (n_tok[:b], n_tok[b:]), global_pairs)
-        tokens = int(batch["attention_mask"].sum())
-        return loss, {**out, "tokens_plain": float(tokens)}, tokens
-
-    return micro
-
-
-def _dpo_fast(pairs: Sequence[TokenizedPair], ref_logps: dict[int, tuple[float, float]], cfg: TrainConfig,
-              runner: torch.nn.Module) -> MicroFn:
-    device = model_device(runner)
-
-    def micro(idx: list[int], global_pairs: float) -> tuple[torch.Tensor, dict[str, float], int]:
-        chunk = [pairs[i] for i in idx]
-        batch, chosen, rejected = pack_pairs(chunk)
-        sums, counts = runner(batch.to(device), cfg.attn_impl, cfg.logprob_impl)
-        chosen, rejected = chosen.to(device), rejected.to(device)
-        loss, out = _dpo_loss(cfg, ref_logps, idx, (sums[chosen], sums[rejected]),
-                              (counts[chosen], counts[rejected]), global_pairs)
-        plain = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk)
-        return loss, {**out, "tokens_plain": float(plain)}, batch.num_tokens
-
-    return micro
-
-
-def _dpo_loss(cfg: TrainConfig, ref_logps: dict[int, tuple[float, float]], idx: list[int],
-              policy: tuple[torch.Tensor, torch.Tensor], n_tokens: tuple[torch.Tensor, torch.Tensor],
-              global_pairs: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The micro-batch's share of the global batch's mean loss, and its weighted metrics; ``policy`` and
-    ``n_tokens`` are (chosen, rejected) ``[b]`` tensors in the order of ``idx``."""
-    (pol_c, pol_r), (n_c, n_r) = policy, n_tokens
-    ref = torch.tensor([ref_logps[i] for i in idx], dtype=torch.float32, device=pol_c.device)
-    loss, metrics = preference_loss(cfg.loss, pol_c, pol_r, ref[:, 0], ref[:, 1], cfg.beta, n_c, n_r)
-    weight = len(idx) / global_pairs
-    out = {k: v.item() * weight for k, v in metrics.items()}
-    out["logps/chosen"] = pol_c.detach().mean().item() * weight
-    out["logps/rejected"] = pol_r.detach().mean().item() * weight
-    return loss * weight, out
-
-
-def _cutter(records: Sequence[TokenizedPair] | Sequence[TokenizedSequence],
-            cfg: TrainConfig) -> Callable[[list[int]], list[list[int]]]:
-    """How a global batch (item indices) is cut: ``micro_batch`` items at a time ("plain"), or packed
-    micro-batches within the token budget ("fast"; the planner groups items that share prefixes)."""
-    if cfg.trainer == "plain":
-        return lambda batch: micro_batches(batch, cfg.micro_batch)
-
-    def cut(batch: list[int]) -> list[list[int]]:
-        plan = plan_micro_batches([records[i] for i in batch], cfg.token_budget)
-        return [[batch[j] for j in micro] for micro in plan]
-
-    return cut
+    lr = scheduler.get_last_lr()[0]
+    optimizer.zero_grad(set_to_none=True)
+    rank, world_size = world()
+    totals: dict[str, float] = defaultdict(float)
+    bad: tuple[float, list[int]] | None = None
+    # Tree attention stays on through backward: activation checkpointing re-runs attention there.
+    attention = (tree_attention_enabled(model, cfg.attn_impl) if cfg.trainer == "fast"
+                 else contextlib.nullcontext())
+    norm = stage.normaliser(batch)
+    with attention:
+        for chunk, live in rank_share(stage.cut(batch), rank, world_size):
+            with autocast_context(device, cfg.bf16):
+                loss, metrics, n = stage.micro(chunk, norm)
+            if not live:  # a repeat that keeps this process in step with the others' collectives
+                loss, metrics, n = loss * 0.0, dict.fromkeys(metrics, 0.0), 0
+            value = loss.item()
+            if not math.isfinite(value):
+                if world_size == 1:
+                    ids = [stage.ids[i] for i in chunk]
+                    raise NonFiniteLossError("loss", value, step, epoch, ids, last_ckpt)
+                bad = bad or (value, chunk)
+            loss.backward()
+            totals["loss"] += value
+            for key, v in metrics.items():
+                totals[key] += v
+            totals["tokens"] += n
+    totals = _global_totals(totals, bad is not None, device)
+    if totals.pop("non_finite"):
+        value, chunk = bad or (totals["loss"], batch)
+        raise NonFiniteLossError("loss", value, step, epoch, [stage.ids[i] for i in chunk], last_ckpt)
+    grad_norm = _clip(model, cfg.max_grad_norm)
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError("gradient norm", grad_norm, step, epoch, [stage.ids[i] for i in batch],
+                                 last_ckpt)
+    optimizer.step()
+    scheduler.step()
+    seconds = max(time.perf_counter() - start, 1e-9)
+    tokens = int(totals.pop("tokens"))
+    out = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+           "tokens_per_s": tokens / seconds}
+    if "tokens_plain" in totals:
+        totals["tokens_plain"] = int(totals["tokens_plain"])
+        out["tokens_plain_per_s"] = totals["tokens_plain"] / seconds
+    return {**out, **totals}
 
 
-def _models(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(the model to optimise and save, the module micro-batches call): for "fast" the latter is a
-    ``PackedLogps`` around the model (given, when ``distributed.shard_model`` made it the FSDP root)."""
-    if isinstance(model, PackedLogps):
-        if cfg.trainer != "fast":
-            raise ValueError("got a PackedLogps (a model prepared for the fast trainer, e.g. by "
-                             "shard_model(model, trainer='fast')) with trainer='plain'; pass the causal LM")
-        return model.model, model
-    if cfg.trainer == "fast" and is_sharded(model):
-        raise ValueError("this model is sharded as the plain trainer's FSDP root; for trainer='fast' shard "
-                         "it with shard_model(model, trainer='fast') and pass what that returns")
-    return model, (PackedLogps(model) if cfg.trainer == "fast" else model)
+def _global_totals(totals: dict[str, float], non_finite: bool, device: torch.device) -> dict[str, float]:
+    """Sum the step's totals over the processes (identity in one process); adds ``non_finite`` (count of
+    processes that saw a non-finite loss)."""
+    keys = sorted(totals)
+    values = all_reduce_sum([totals[k] for k in keys] + [float(non_finite)], device)
+    return {**dict(zip(keys, values[:-1], strict=True)), "non_finite": values[-1]}
+
+
+def _clip(model: torch.nn.Module, max_grad_norm: float) -> float:
+    """Clip the trainable parameters' gradient norm (0: no clipping); returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor
+        norm = norm.full_tensor()
+    return float(norm)

@@ -1,1 +1,1 @@
-"""Small helpers shared across fasteto: atomic file writes."""
+"""Small helpers shared across fasteto: atomic file writes, the record of auto choices."""

@@ -11,10 +11,10 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
+from fasteto.data.chat import to_chat
 from fasteto.data.tokenize import (
     model_spans,
     spans_to_mask,
-    to_chat,
     tokenize_conversation,
     tokenize_pair,
     tokenize_pairs,

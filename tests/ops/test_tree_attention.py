@@ -9,7 +9,7 @@ import operator
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
-from tree_helpers import assert_by_rule, build_batch, random_segments
+from tree_helpers import assert_by_rule, build_batch, meta_of, random_segments
 
 from fasteto.ops.tree_attention import IMPLS, tree_attention, tree_attention_meta
 from fasteto.ops.tree_attention import api as tree_api
@@ -17,6 +17,7 @@ from fasteto.ops.tree_attention import varlen as varlen_module
 from fasteto.ops.tree_attention.flex import ancestor_table, build_block_mask
 from fasteto.ops.tree_attention.reference import tree_mask
 from fasteto.ops.tree_attention.varlen import varlen_unavailable_reason
+from fasteto.utils.choices import auto_choices, forget_choices
 
 # CPU runs FlexAttention eagerly on purpose (see fasteto/ops/tree_attention/flex.py)
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -100,7 +101,7 @@ def test_masks_agree_on_random_trees(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_forward_matches_reference(impl, dtype, seed):
-    meta = tree_attention_meta(build_batch(random_segments(seed)))
+    meta = meta_of(build_batch(random_segments(seed)))
     q, k, v = qkv(meta.num_tokens, seed, dtype)
     with torch.no_grad():
         out = tree_attention(q, k, v, meta, impl=impl, scale=SCALE)
@@ -113,7 +114,7 @@ def test_forward_matches_reference(impl, dtype, seed):
 @pytest.mark.parametrize("impl", ["flex", "varlen_eager"])
 def test_forward_matches_reference_across_several_blocks(impl):
     # ~300 tokens: several 128-token flex blocks, the last one partial (padded with the sentinel segment)
-    meta = tree_attention_meta(build_batch(random_segments(3, max_len=40)))
+    meta = meta_of(build_batch(random_segments(3, max_len=40)))
     assert meta.num_tokens > 256 and meta.num_tokens % 128
     q, k, v = qkv(meta.num_tokens, 3)
     with torch.no_grad():
@@ -126,7 +127,7 @@ def test_forward_matches_reference_across_several_blocks(impl):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_gathered_kv_gradients_match_reference(dtype, seed):
-    meta = tree_attention_meta(build_batch(random_segments(seed)))
+    meta = meta_of(build_batch(random_segments(seed)))
     inputs = qkv(meta.num_tokens, seed, dtype, requires_grad=True)
     grad_out = torch.randn(meta.num_tokens, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(seed))
     grads = {}
@@ -167,69 +168,78 @@ def test_varlen_call_matches_torch_varlen_attn_signature(monkeypatch):
         return torch.cat(outs)
 
     monkeypatch.setattr(varlen_module, "_kernel", lambda: ("torch.nn.attention.varlen.varlen_attn", stand_in))
-    meta = tree_attention_meta(build_batch(random_segments(0)))
+    meta = meta_of(build_batch(random_segments(0)))
     q, k, v = qkv(meta.num_tokens, 0)
     out = varlen_module.varlen_tree_attention(q, k, v, meta.kv_index, meta.cu_seqlens, meta.cu_seqlens_k,
                                               meta.max_seqlen, meta.max_seqlen_k, SCALE)
     torch.testing.assert_close(out, tree_attention(q, k, v, meta, impl="reference", scale=SCALE))
 
 
-def test_packed_batch_is_accepted_directly():
-    batch = build_batch(random_segments(0))
+def test_meta_from_raw_tensors_derives_segments_and_caches_masks():
+    batch = build_batch(SMALL_TREE)
+    meta = tree_attention_meta(batch.cu_seqlens.long(), batch.parent, batch.kv_index, batch.cu_seqlens_k)
+    assert torch.equal(meta.segment_ids, torch.tensor([0, 0, 1, 1, 2, 3, 3], dtype=torch.int32))
+    assert (meta.max_seqlen, meta.max_seqlen_k, meta.cu_seqlens.dtype) == (2, 4, torch.int32)
     q, k, v = qkv(batch.num_tokens, 0)
-    meta = tree_attention_meta(batch)
-    assert torch.equal(tree_attention(q, k, v, batch, impl="reference"),
-                       tree_attention(q, k, v, meta, impl="reference"))
+    first = tree_attention(q, k, v, meta, impl="reference")
     assert ("reference", "cpu") in meta.prepared  # built once, reused by the next layer
+    assert torch.equal(first, tree_attention(q, k, v, meta, impl="reference"))
+    with pytest.raises(TypeError, match="TreeAttentionMeta"):
+        tree_attention(q, k, v, batch, impl="reference")
 
 
 def test_unknown_impl_names_the_options():
-    batch = build_batch(SMALL_TREE)
+    batch = meta_of(build_batch(SMALL_TREE))
     q, k, v = qkv(batch.num_tokens, 0)
     with pytest.raises(ValueError, match="impl='triton'.*" + ", ".join(IMPLS)):
         tree_attention(q, k, v, batch, impl="triton")
 
 
 def test_explicit_flex_with_grad_on_cpu_raises_with_reason():
-    batch = build_batch(SMALL_TREE)
+    batch = meta_of(build_batch(SMALL_TREE))
     q, k, v = qkv(batch.num_tokens, 0, requires_grad=True)
     with pytest.raises(ValueError, match="no backward on CPU"):
         tree_attention(q, k, v, batch, impl="flex")
 
 
 def test_explicit_varlen_on_cpu_raises_with_reason():
-    batch = build_batch(SMALL_TREE)
+    batch = meta_of(build_batch(SMALL_TREE))
     q, k, v = qkv(batch.num_tokens, 0)
     with pytest.raises(ValueError, match="impl='varlen' cannot run here: .*CUDA"):
         tree_attention(q, k, v, batch, impl="varlen")
 
 
 def test_auto_on_cpu_uses_varlen_eager_and_logs_once(caplog):
-    tree_api._log_choice_once.cache_clear()
-    batch = build_batch(SMALL_TREE)
+    forget_choices()
+    batch = meta_of(build_batch(SMALL_TREE))
     q, k, v = qkv(batch.num_tokens, 0)
-    with caplog.at_level(logging.INFO, logger=tree_api.__name__):
+    with caplog.at_level(logging.INFO, logger="fasteto.auto"):
         out = tree_attention(q, k, v, batch)
         tree_attention(q, k, v, batch)
     assert torch.equal(out, tree_attention(q, k, v, batch, impl="varlen_eager"))
+    why = "no fused tree kernel with a backward on cpu"
     assert [r.getMessage() for r in caplog.records].count(
-        "tree attention impl='auto' uses 'varlen_eager' (no fused tree kernel with a backward on cpu)") == 1
+        f"tree_attention impl (cpu): auto chose 'varlen_eager' ({why})") == 1
+    assert auto_choices()["tree_attention impl (cpu)"] == {"chosen": "varlen_eager", "why": why}
 
 
 def test_bad_inputs_and_layouts_raise():
-    batch = build_batch(SMALL_TREE)
+    batch = meta_of(build_batch(SMALL_TREE))
     q, k, v = qkv(batch.num_tokens, 0)
     with pytest.raises(ValueError, match="one row per layout token"):
         tree_attention(q[:-1], k[:-1], v[:-1], batch, impl="reference")
     with pytest.raises(ValueError, match="H % Hkv"):
         tree_attention(q[:, :3], k, v, batch, impl="reference")
-    batch.parent = torch.tensor([-1, 2, 0, -1])
+    raw = build_batch(SMALL_TREE)
     with pytest.raises(ValueError, match="parent"):
-        tree_attention_meta(batch)
-    batch = build_batch(SMALL_TREE)
-    batch.cu_seqlens_k = torch.tensor([0, 2, 5, 8, 10], dtype=torch.int32)
+        tree_attention_meta(raw.cu_seqlens, torch.tensor([-1, 2, 0, -1]), raw.kv_index, raw.cu_seqlens_k)
     with pytest.raises(ValueError, match="cu_seqlens_k"):
-        tree_attention_meta(batch)
+        tree_attention_meta(raw.cu_seqlens, raw.parent, raw.kv_index,
+                            torch.tensor([0, 2, 5, 8, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        tree_attention_meta(torch.tensor([0, 2, 2, 5, 7]), raw.parent, raw.kv_index, raw.cu_seqlens_k)
+    with pytest.raises(ValueError, match="kv_index must have"):
+        tree_attention_meta(raw.cu_seqlens, raw.parent, raw.kv_index[:-1], raw.cu_seqlens_k)
 
 
 @pytest.mark.slow
@@ -238,7 +248,7 @@ def test_compiled_flex_forward_on_cpu():
     to compile on the 2-core CI box; the same code path CUDA takes."""
     from fasteto.ops.tree_attention.flex import flex_tree_attention
 
-    meta = tree_attention_meta(build_batch(random_segments(0)))
+    meta = meta_of(build_batch(random_segments(0)))
     q, k, v = qkv(meta.num_tokens, 0)
     block_mask = build_block_mask(meta.segment_ids, meta.parent, compiled=True)
     n = meta.num_tokens
@@ -262,7 +272,7 @@ def _require_cuda():
 @pytest.mark.parametrize("seed", SEEDS)
 def test_cuda_kernels_match_reference_with_gradients(impl, dtype, seed):
     _require_cuda()
-    meta = tree_attention_meta(build_batch(random_segments(seed)).to("cuda"))
+    meta = meta_of(build_batch(random_segments(seed)).to("cuda"))
     inputs = qkv(meta.num_tokens, seed, dtype, device="cuda")
     if impl == "varlen" and (reason := varlen_unavailable_reason(inputs[0], inputs[1])) is not None:
         pytest.skip(f"varlen kernel unavailable: {reason}")

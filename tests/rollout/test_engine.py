@@ -7,8 +7,9 @@ import torch
 from tiny import byte_tokenizer, tiny_llama
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from fasteto.data.chat import to_chat
 from fasteto.data.types import GPT, HUMAN, message
-from fasteto.rollout.engine import GenerationConfig, TransformersEngine, stop_token_ids, to_chat
+from fasteto.rollout.engine import GenerationConfig, TransformersEngine, stop_token_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread is much faster
 

@@ -86,6 +86,23 @@ def test_lr_sequence_seen_by_training() -> None:
     assert seen == pytest.approx([0.0, 0.05, 0.1, 0.075, 0.025], abs=1e-12)
 
 
+def test_stage_configs_come_from_the_run_options() -> None:
+    from fasteto.config import DPOConfig, SFTConfig
+
+    sft = TrainConfig.sft(SFTConfig(lr=1e-3, epochs=5, trainer="plain", logprob_impl="reference",
+                                    warmup_ratio=0.5), seed=7)
+    assert (sft.lr, sft.epochs, sft.trainer, sft.logprob_impl, sft.warmup_ratio, sft.schedule, sft.seed) == (
+        1e-3, 5, "plain", "reference", 0.5, "cosine", 7)
+    options = DPOConfig(lr=[3e-6, 2e-6, 1e-6], beta=[0.2], loss="ipo", token_budget=100,
+                        gradient_checkpointing=True)
+    for k, lr in ((1, 3e-6), (3, 1e-6), (9, 1e-6)):  # the last value repeats
+        d = TrainConfig.dpo(k, options, global_batch=4)
+        got = (d.lr, d.beta, d.loss, d.token_budget, d.gradient_checkpointing, d.schedule, d.global_batch)
+        assert got == (lr, 0.2, "ipo", 100, True, "constant", 4)
+    with pytest.raises(ValueError, match="1-based"):
+        TrainConfig.dpo(0)
+
+
 def test_config_presets_and_validation() -> None:
     sft = TrainConfig.sft()
     assert (sft.lr, sft.epochs, sft.global_batch, sft.schedule, sft.warmup_ratio) == (
@@ -102,7 +119,9 @@ def test_config_presets_and_validation() -> None:
         train_sft(tiny_llama(), make_seqs([5]), TrainConfig(global_batch=3, micro_batch=2, trainer="plain"))
     TrainConfig(global_batch=3, micro_batch=2, trainer="fast").validate()  # micro_batch unused by "fast"
     for bad, message in (
-        ({"trainer": "slow"}, "trainer must be 'fast' or 'plain', got 'slow'"),
+        ({"trainer": "slow"}, "trainer must be one of 'fast', 'plain', got 'slow'"),
+        ({"schedule": "linear"}, "schedule must be one of 'cosine', 'constant', got 'linear'"),
+        ({"bf16": "yes"}, "bf16 must be True, False or 'auto'"),
         ({"token_budget": 0}, "token_budget must be a positive number of tokens, got 0"),
         ({"attn_impl": "flash"}, "attn_impl must be one of 'auto', 'reference'.*got 'flash'"),
         ({"logprob_impl": "cuda"}, "logprob_impl must be one of 'auto', 'triton'.*got 'cuda'"),
@@ -279,8 +298,7 @@ def test_run_config_offers_exactly_the_trainer_options() -> None:
     from fasteto.config import DPOConfig, SFTConfig, TrainerOptions
     from fasteto.ops.logprob.api import IMPLS as LOGPROB_IMPLS
     from fasteto.ops.tree_attention import IMPLS as ATTN_IMPLS
-    from fasteto.trainer import PREFERENCE_LOSSES
-    from fasteto.trainer.loop import TRAINERS
+    from fasteto.trainer import PREFERENCE_LOSSES, TRAINERS
 
     hints = typing.get_type_hints(DPOConfig)
     assert set(typing.get_args(hints["trainer"])) == set(TRAINERS)

@@ -24,12 +24,12 @@ from tiny import tiny_llama
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from fasteto.data.tokenized import TokenizedPair, TokenizedSequence
+from fasteto.models.packed import packed_sequence_logps
 from fasteto.packing import pack_pairs, plan_micro_batches
 from fasteto.trainer import (
     PREFERENCE_LOSSES,
     TrainConfig,
     apply_lora,
-    packed_sequence_logps,
     preference_loss,
     reference_logps,
     reference_logps_packed,

@@ -1,5 +1,5 @@
-"""Attention over a packed token tree (:class:`fasteto.packing.layout.PackedBatch`), with explicit
-backends; ``hf`` plugs it into transformers models (import it explicitly: it needs transformers)."""
+"""Attention over a packed token tree, from raw layout tensors, with explicit backends. The transformers
+integration is ``fasteto.models.packed``."""
 
 from fasteto.ops.tree_attention.api import IMPLS, TreeAttentionMeta, tree_attention, tree_attention_meta
 

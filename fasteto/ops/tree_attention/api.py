@@ -1,7 +1,10 @@
 """Public tree attention: one function, explicit backends.
 
-The layout is a :class:`~fasteto.packing.layout.PackedBatch` token tree. Token ``i`` attends to token
-``j`` iff ``j`` is in a strict ancestor segment of ``seg(i)``, or in the same segment with ``j <= i``.
+The layout is a packed token tree given as raw tensors (:func:`tree_attention_meta`): ``S`` segments of
+consecutive tokens, each segment's parent segment, and for each segment the flat list of key rows it reads
+(its ancestors' tokens, then its own). Token ``i`` attends to token ``j`` iff ``j`` is in a strict
+ancestor segment of ``seg(i)``, or in the same segment with ``j <= i``. ``fasteto.packing`` builds such
+layouts; ``fasteto.models.packed`` runs them through transformers models. This module imports neither.
 
 Backends (``impl=``):
 
@@ -13,36 +16,32 @@ Backends (``impl=``):
   tests the ``kv_index``/``cu_seqlens_k`` layout without a GPU, and is the CPU training backend.
 - ``"auto"``: ``varlen`` when it can run, else ``flex`` on CUDA; ``varlen_eager`` elsewhere (per-segment
   SDPA over gathered keys: no dense ``[N, N]`` mask, so it costs what the sequences cost, not ``N²``).
-  Logged once.
+  Recorded and logged once (``fasteto.utils.choices``).
 
 An explicit ``impl`` that cannot run raises ``ValueError`` with the reason; nothing falls back silently.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fasteto.ops.tree_attention import flex, reference, varlen
-from fasteto.packing.layout import PackedBatch
-
-log = logging.getLogger(__name__)
+from fasteto.utils.choices import record_choice
 
 IMPLS = ("auto", "reference", "flex", "varlen", "varlen_eager")
 
 
 @dataclass
 class TreeAttentionMeta:
-    """What the backends need from a :class:`PackedBatch`, plus per-backend structures built on first use
-    (the dense mask, the ``BlockMask``) and reused by every layer of the forward.
+    """A checked tree layout, plus per-backend structures built on first use (the dense mask, the
+    ``BlockMask``) and reused by every layer of a forward. Make it with :func:`tree_attention_meta`.
 
     segment_ids: ``[N]`` int32. cu_seqlens: ``[S + 1]`` int32. parent: ``[S]`` long.
-    kv_index: ``[Nk]`` long. cu_seqlens_k: ``[S + 1]`` int32. max_seqlen, max_seqlen_k: ints.
-    max_position: the largest position id (a model's sliding window is a no-op when it exceeds it).
+    kv_index: ``[Nk]`` long. cu_seqlens_k: ``[S + 1]`` int32. max_seqlen, max_seqlen_k: ints (the longest
+    segment, and the most keys any token reads: the longest root-to-leaf sequence).
     """
 
     segment_ids: torch.Tensor
@@ -52,7 +51,6 @@ class TreeAttentionMeta:
     cu_seqlens_k: torch.Tensor
     max_seqlen: int
     max_seqlen_k: int
-    max_position: int
     prepared: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -64,29 +62,39 @@ class TreeAttentionMeta:
         return self.segment_ids.device
 
 
-def tree_attention_meta(batch: PackedBatch) -> TreeAttentionMeta:
-    """Check the tree structure of ``batch`` once and keep what attention needs.
+def tree_attention_meta(cu_seqlens: torch.Tensor, parent: torch.Tensor, kv_index: torch.Tensor,
+                        cu_seqlens_k: torch.Tensor) -> TreeAttentionMeta:
+    """Check a tree layout once and keep what attention needs.
 
-    Raises ``ValueError`` naming the inconsistent field (the packer's output is wrong, not the call).
+    Args:
+        cu_seqlens: ``[S + 1]`` int, rising strictly from 0 to ``N``: segment ``s`` is tokens
+            ``cu_seqlens[s]:cu_seqlens[s + 1]``.
+        parent: ``[S]`` int, ``-1`` for a root, else an earlier segment (depth-first order).
+        kv_index: ``[Nk]`` int, the token rows each segment reads as keys: segment ``s``'s slice
+            ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` lists its ancestors' tokens root first, then its own.
+        cu_seqlens_k: ``[S + 1]`` int, from 0; each segment's length plus its ancestors'.
+        All on one device (the device attention runs on).
+
+    Raises ``ValueError`` naming the inconsistent argument.
     """
-    _check_tree(batch)
+    lengths, kv_lengths = _check_tree(cu_seqlens, parent, kv_index, cu_seqlens_k)
+    segment_ids = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32),
+                                          torch.tensor(lengths)).to(cu_seqlens.device)
     return TreeAttentionMeta(
-        segment_ids=batch.segment_ids, cu_seqlens=batch.cu_seqlens.to(torch.int32),
-        parent=batch.parent.long(), kv_index=batch.kv_index.long(),
-        cu_seqlens_k=batch.cu_seqlens_k.to(torch.int32),
-        max_seqlen=int(batch.max_seqlen), max_seqlen_k=int(batch.max_seqlen_k),
-        max_position=int(batch.position_ids.max()) if batch.num_tokens else 0)
+        segment_ids=segment_ids, cu_seqlens=cu_seqlens.to(torch.int32), parent=parent.long(),
+        kv_index=kv_index.long(), cu_seqlens_k=cu_seqlens_k.to(torch.int32),
+        max_seqlen=max(lengths), max_seqlen_k=max(kv_lengths))
 
 
-def _check_tree(batch: PackedBatch) -> None:
-    """Structural checks on the tree fields (one host sync per micro-batch)."""
-    n, s = batch.num_tokens, batch.num_segments
-    bounds, parents, bounds_k = batch.cu_seqlens.tolist(), batch.parent.tolist(), batch.cu_seqlens_k.tolist()
+def _check_tree(cu_seqlens: torch.Tensor, parent: torch.Tensor, kv_index: torch.Tensor,
+                cu_seqlens_k: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Structural checks (one host sync per micro-batch); returns segment and key lengths."""
+    bounds, parents, bounds_k = cu_seqlens.tolist(), parent.tolist(), cu_seqlens_k.tolist()
+    s = len(parents)
     lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-    if n == 0 or len(bounds) != s + 1 or bounds[0] != 0 or bounds[-1] != n or min(lengths) < 1:
-        _bad_tree(f"cu_seqlens must rise strictly from 0 to N={n} (N > 0) in S={s} steps, got {bounds[:8]}")
-    if not torch.equal(batch.segment_ids.long().cpu(), torch.repeat_interleave(torch.tensor(lengths))):
-        _bad_tree("segment_ids must number the tokens of cu_seqlens' segments 0, 1, ...")
+    if s == 0 or len(bounds) != s + 1 or bounds[0] != 0 or min(lengths) < 1:
+        _bad_tree(f"cu_seqlens must rise strictly from 0 in S={s} steps (S = len(parent) > 0), "
+                  f"got {bounds[:8]}")
     if any(not -1 <= p < i for i, p in enumerate(parents)):
         _bad_tree(f"parent[s] must be -1 or < s (segments in depth-first order), got {parents[:8]}")
     kv_lengths: list[int] = []
@@ -95,35 +103,33 @@ def _check_tree(batch: PackedBatch) -> None:
     if len(bounds_k) != s + 1 or bounds_k[0] != 0 or \
             [bounds_k[i + 1] - bounds_k[i] for i in range(s)] != kv_lengths:
         _bad_tree("cu_seqlens_k must give each segment its ancestors' lengths plus its own, from 0")
-    if batch.kv_index.numel() != bounds_k[-1]:
-        _bad_tree(f"kv_index must have cu_seqlens_k[-1]={bounds_k[-1]} entries, has {batch.kv_index.numel()}")
-    if batch.max_seqlen != max(lengths) or batch.max_seqlen_k != max(kv_lengths):
-        _bad_tree(f"max_seqlen/max_seqlen_k must be {max(lengths)}/{max(kv_lengths)}, "
-                  f"got {batch.max_seqlen}/{batch.max_seqlen_k}")
+    if kv_index.numel() != bounds_k[-1]:
+        _bad_tree(f"kv_index must have cu_seqlens_k[-1]={bounds_k[-1]} entries, has {kv_index.numel()}")
+    return lengths, kv_lengths
 
 
 def _bad_tree(problem: str) -> None:
-    raise ValueError(f"PackedBatch tree fields are inconsistent (a packer bug): {problem}")
+    raise ValueError(f"tree layout is inconsistent (a packer bug): {problem}")
 
 
-def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   batch_meta: TreeAttentionMeta | PackedBatch, *, impl: str = "auto",
-                   scale: float | None = None) -> torch.Tensor:
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TreeAttentionMeta, *,
+                   impl: str = "auto", scale: float | None = None) -> torch.Tensor:
     """Attention over a packed token tree.
 
     Args:
         q: ``[N, H, D]`` float. k, v: ``[N, Hkv, D]``, ``H % Hkv == 0`` (GQA: query head ``h`` reads KV
             head ``h // (H // Hkv)``). One dtype and device.
-        batch_meta: the layout, as :func:`tree_attention_meta` (reuse it across layers: per-backend
-            masks are cached in it) or a :class:`PackedBatch` (checked and prepared on every call).
-            Its tensors must be on ``q``'s device.
+        meta: the layout, from :func:`tree_attention_meta` (reuse it across layers: per-backend masks
+            are cached in it), on ``q``'s device.
         impl: one of ``IMPLS`` (see the module docstring).
         scale: softmax scale, default ``D ** -0.5``.
 
     Returns:
         ``[N, H, D]`` in ``q``'s dtype.
     """
-    meta = batch_meta if isinstance(batch_meta, TreeAttentionMeta) else tree_attention_meta(batch_meta)
+    if not isinstance(meta, TreeAttentionMeta):
+        raise TypeError("meta must be a TreeAttentionMeta (from tree_attention_meta), "
+                        f"got {type(meta).__name__}")
     _check_inputs(q, k, v, meta)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = resolve_impl(impl, q, k, v)
@@ -165,7 +171,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TreeA
         raise ValueError(f"q, k, v must share one float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device == meta.device):
         raise ValueError(f"q, k, v and the layout must be on one device; got {q.device}, {k.device}, "
-                         f"{v.device} and layout on {meta.device} (move it with PackedBatch.to(device))")
+                         f"{v.device} and layout on {meta.device} (build the layout on q's device)")
 
 
 def resolve_impl(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
@@ -203,10 +209,5 @@ def _auto(q: torch.Tensor, k: torch.Tensor) -> str:
         why = f"kernel {varlen.kernel_name()}" if reason is None else f"varlen cannot run: {reason}"
     else:
         chosen, why = "varlen_eager", f"no fused tree kernel with a backward on {q.device.type}"
-    _log_choice_once(chosen, why)
+    record_choice(f"tree_attention impl ({q.device.type})", chosen, why)
     return chosen
-
-
-@functools.cache
-def _log_choice_once(chosen: str, why: str) -> None:
-    log.info("tree attention impl='auto' uses %r (%s)", chosen, why)

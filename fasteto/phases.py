@@ -27,6 +27,7 @@ from fasteto.data.pairs import (
 )
 from fasteto.data.types import Pair, Trajectory
 from fasteto.run import RunFolder
+from fasteto.utils.choices import auto_choices
 
 
 class EtoLoop:
@@ -156,7 +157,8 @@ class EtoLoop:
         result = fn()
         seconds = time.perf_counter() - start
         self.run_folder.mark(name, result)
-        self.run_folder.log({"phase": name, "phase_seconds": round(seconds, 1)})
+        self.run_folder.log({"phase": name, "phase_seconds": round(seconds, 1),
+                             "auto_choices": auto_choices()})
         print(f"[{name}] finished in {seconds:.0f} s")
         return result
 
@@ -251,19 +253,12 @@ class EtoLoop:
 
     def _sft(self, name: str, items: list[Trajectory], start: Path | str | None = None) -> str:
         from fasteto.data.tokenize import tokenize_trajectories
-        from fasteto.trainer import latest_checkpoint, train_sft
+        from fasteto.trainer import TrainConfig, latest_checkpoint, train_sft
 
         seqs, dropped = tokenize_trajectories(self.tokenizer, items, self.cfg.sft.max_length)
         print(f"{len(seqs)} sequences ({dropped} dropped: no model token left after truncation)")
         s = self.cfg.sft
-        tcfg = self._train_config(
-            len(seqs),
-            s,
-            lr=s.lr,
-            epochs=s.epochs,
-            schedule="cosine",
-            warmup_ratio=s.warmup_ratio,
-        )
+        tcfg = TrainConfig.sft(s, **self._stage_fields(len(seqs), s))
         model = self._lora(self._load(start or self.base_model).train(), s)
         checkpoints = self.run_folder.folder("checkpoints", name)
         train_sft(
@@ -279,7 +274,7 @@ class EtoLoop:
     def _dpo(self, k: int, policy: Path | str, pairs_info: dict[str, Any]) -> str:
         from fasteto.data.formats import read_pairs
         from fasteto.data.tokenize import tokenize_pairs
-        from fasteto.trainer import latest_checkpoint, load_reference, save_reference, train_dpo
+        from fasteto.trainer import TrainConfig, latest_checkpoint, load_reference, save_reference, train_dpo
 
         pairs: list[Pair] = [p for env in self.envs for p in read_pairs(pairs_info[env]["file"])]
         d = self.cfg.dpo
@@ -294,17 +289,7 @@ class EtoLoop:
             save_reference(ref_file, self._reference_logps(model, tokens), tokens)
         ref = load_reference(ref_file, tokens)
         # ETO's schedule: iteration 1 has its own lr and beta, later iterations share the last ones.
-        lr, beta = d.lr[min(k, len(d.lr)) - 1], d.beta[min(k, len(d.beta)) - 1]
-        tcfg = self._train_config(
-            len(tokens),
-            d,
-            lr=lr,
-            beta=beta,
-            epochs=d.epochs,
-            loss=d.loss,
-            schedule="constant",
-            warmup_ratio=d.warmup_ratio,
-        )
+        tcfg = TrainConfig.dpo(k, d, **self._stage_fields(len(tokens), d))
         checkpoints = self.run_folder.folder("checkpoints", f"dpo-{k}")
         model = self._lora(model.train(), d)
         train_dpo(
@@ -330,6 +315,8 @@ class EtoLoop:
             "evaluations": self.evaluations,
             # Wall time of each phase as it ran (a resumed phase keeps its first, finished run's time).
             "phase_seconds": {r["phase"]: r["phase_seconds"] for r in metrics if "phase_seconds" in r},
+            # What every auto option resolved to, as each phase ran (backends, dtypes; with the reason).
+            "auto_choices": {r["phase"]: r["auto_choices"] for r in metrics if "auto_choices" in r},
         }
         atomic_write_json(self.run_folder.path / "summary.json", summary)
         plot_run(self.run_folder.path / "metrics.jsonl", summary, self.run_folder.path / "curves.png")
@@ -351,23 +338,11 @@ class EtoLoop:
             return factory
         return partial(ProcessEnv, factory)
 
-    def _train_config(self, n: int, options: TrainerOptions, **stage: Any):
-        """The TrainConfig of a stage over ``n`` items; ``options``: ``cfg.sft`` or ``cfg.dpo``."""
-        from fasteto.trainer import TrainConfig
-
+    def _stage_fields(self, n: int, options: TrainerOptions) -> dict[str, Any]:
+        """What a stage over ``n`` items takes from the run rather than its options: batch sizes that
+        fit ``n``, the seed and the pad id."""
         size, micro = batch_sizes(n, options.global_batch, options.micro_batch)
-        return TrainConfig(
-            global_batch=size,
-            micro_batch=micro,
-            seed=self.cfg.seed,
-            pad_id=self._pad_id(),
-            trainer=options.trainer,
-            token_budget=options.token_budget,
-            attn_impl=options.attn_impl,
-            logprob_impl=options.logprob_impl,
-            gradient_checkpointing=options.gradient_checkpointing,
-            **stage,
-        )
+        return {"global_batch": size, "micro_batch": micro, "seed": self.cfg.seed, "pad_id": self._pad_id()}
 
     def _lora(self, model, options: TrainerOptions):
         """``model`` with LoRA adapters when ``options.lora_rank`` > 0 (seeded: A's draw repeats); saving

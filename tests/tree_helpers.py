@@ -1,10 +1,11 @@
 """Test-local PackedBatch builder (independent of fasteto.packing.tree) and the FlashAttention
-tolerance rule, shared by the tree attention tests (importable as ``tree_helpers`` from tests/ops)."""
+tolerance rule, shared by the tree attention tests (tests/ is on pytest's pythonpath)."""
 
 from __future__ import annotations
 
 import torch
 
+from fasteto.ops.tree_attention import TreeAttentionMeta, tree_attention_meta
 from fasteto.packing.layout import PackedBatch
 
 Segments = list[tuple[int, list[int]]]  # (parent index or -1, token ids); parent index < own index
@@ -37,6 +38,11 @@ def build_batch(segments: Segments) -> PackedBatch:
         max_seqlen_k=max(len(kv) for kv in kv_lists),
         logp_rows=empty, logp_targets=empty, contrib_entry=empty, contrib_seq=empty,
         num_sequences=len(leaves), seq_keys=leaves)
+
+
+def meta_of(batch: PackedBatch) -> TreeAttentionMeta:
+    """The op's layout from a batch's raw tree tensors (what ``fasteto.models.packed.layout_meta`` does)."""
+    return tree_attention_meta(batch.cu_seqlens, batch.parent, batch.kv_index, batch.cu_seqlens_k)
 
 
 def leaf_paths(batch: PackedBatch) -> list[torch.Tensor]:

@@ -9,15 +9,15 @@ import pytest
 import torch
 from tiny import tiny_llama
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from tree_helpers import assert_by_rule, build_batch, leaf_paths, random_segments
+from tree_helpers import assert_by_rule, build_batch, leaf_paths, meta_of, random_segments
 
-from fasteto.ops.tree_attention import IMPLS, tree_attention_meta
-from fasteto.ops.tree_attention.hf import (
+from fasteto.models.packed import (
     attention_name,
     packed_hidden_states,
     tree_attention_enabled,
     tree_attention_forward,
 )
+from fasteto.ops.tree_attention import IMPLS
 from fasteto.ops.tree_attention.reference import reference_tree_attention, tree_mask
 
 # CPU runs FlexAttention eagerly on purpose (see fasteto/ops/tree_attention/flex.py)
@@ -188,7 +188,7 @@ def test_sliding_window_shorter_than_a_sequence_raises():
 
 def test_attention_function_honours_scaling_and_gqa():
     batch = build_batch(random_segments(0, vocab=VOCAB))
-    meta = tree_attention_meta(batch)
+    meta = meta_of(batch)
     gen = torch.Generator().manual_seed(0)
     n = batch.num_tokens
     query, key, value = (torch.randn(1, h, n, 8, generator=gen) for h in (6, 2, 2))
