@@ -33,7 +33,7 @@ from fasteto.config import (
     update,
 )
 from fasteto.run import RunFolder, RunFolderError
-from fasteto.utils.choices import print_choices_to
+from fasteto.utils.choices import print_choices
 
 
 def parse_config(argv: list[str] | None) -> RunConfig:
@@ -72,7 +72,7 @@ def sample(ids: list[str], n: int | None, seed: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
-    print_choices_to(sys.stdout)  # auto choices (backends, dtypes) as they are made
+    print_choices()  # auto choices (backends, dtypes) as they are made
     from fasteto.envs import EnvSetupError
     from fasteto.phases import EtoLoop
 

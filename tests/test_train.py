@@ -8,6 +8,7 @@ import pytest
 from tiny import byte_tokenizer, tiny_llama
 
 from fasteto.train import main, parse_config, sample
+from fasteto.utils.choices import forget_choices
 
 ALF_TRAIN = [
     "look_at_obj_in_light-AlarmClock-None-DeskLamp-302/trial_T20190908_192756_298295",
@@ -74,6 +75,7 @@ def test_eto_run_writes_every_artefact_and_resumes(
         "--explore.concurrency",
         "2",
     ]
+    forget_choices()  # earlier tests in this process made the same auto choices
     assert main(argv) == 0
     out = capsys.readouterr().out
     state = json.loads((run_dir / "state.json").read_text())["done"]
@@ -116,6 +118,11 @@ def test_eto_run_writes_every_artefact_and_resumes(
         ("base", "sciworld", "unseen"),
     ]
     assert len(summary["evaluations"]) == 3 * 2 * 2 and "ETO iteration 1" in out
+    # auto choices are recorded per phase and printed: the SFT phase ran the fast trainer's backends
+    sft_choices = summary["auto_choices"]["sft"]
+    assert sft_choices["tree_attention impl (cpu)"]["chosen"] == "varlen_eager"
+    assert "fused_token_logprobs impl (cpu)" in sft_choices
+    assert "fasteto: tree_attention impl (cpu): auto chose 'varlen_eager'" in out
 
     assert main(argv) == 0  # a rerun resumes: every phase is done, the same table comes out
     again = capsys.readouterr().out

@@ -9,6 +9,7 @@ reaches, and they are facts about this process (its devices and libraries).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
 _log = logging.getLogger("fasteto.auto")
@@ -38,15 +39,22 @@ def forget_choices() -> None:
         _choices.clear()
 
 
-def print_choices_to(stream) -> logging.Handler:
-    """Show the ``fasteto`` loggers' INFO messages (auto choices, model conversion) on ``stream``; for
-    command-line entry points, never at import. Returns the handler (idempotent per stream)."""
+class _StdoutHandler(logging.Handler):
+    """Writes to whatever ``sys.stdout`` is at the time (it may be replaced after setup)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stdout, flush=True)
+        except Exception:  # noqa: BLE001  (logging must never break the run)
+            self.handleError(record)
+
+
+def print_choices() -> None:
+    """Show the ``fasteto`` loggers' INFO messages (auto choices, model conversion) on stdout, as
+    ``fasteto: ...`` lines; for command-line entry points, never at import. Idempotent."""
     logger = logging.getLogger("fasteto")
-    for handler in logger.handlers:
-        if getattr(handler, "stream", None) is stream:
-            return handler
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("fasteto: %(message)s"))
-    logger.addHandler(handler)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("fasteto: %(message)s"))
+        logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    return handler

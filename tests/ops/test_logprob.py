@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasteto.ops.logprob import fused_token_logprobs
-from fasteto.ops.logprob.api import _announce
+from fasteto.ops.logprob import fused_token_logprobs, native
 from fasteto.ops.logprob.reference import token_logprobs_reference
+from fasteto.utils.choices import forget_choices
 
 GRAD_NAMES = ("grad_hidden", "grad_weight", "grad_bias")
 
@@ -174,15 +174,17 @@ def test_torch_compile_traces_the_op():
         torch.testing.assert_close(traced[name], value, rtol=1e-6, atol=1e-6)
 
 
-def test_auto_picks_torch_on_cpu_and_logs_once(caplog):
+def test_auto_picks_torch_on_cpu_and_logs_once(caplog, monkeypatch):
+    # with the native backend built, auto takes it instead (test_logprob_native.py)
+    monkeypatch.setattr(native, "unavailable", lambda: "not built (simulated)")
     case = make_case(4, 8, 30, torch.float32, bias=False, seed=3)
     args = (case["hidden"], case["weight"], case["targets"])
-    _announce.cache_clear()
-    with caplog.at_level(logging.INFO, logger="fasteto.ops.logprob.api"):
+    forget_choices()
+    with caplog.at_level(logging.INFO, logger="fasteto.auto"):
         first = fused_token_logprobs(*args)
         fused_token_logprobs(*args)
-    assert [r.getMessage() for r in caplog.records] == [
-        "fused_token_logprobs: impl='auto' chose 'torch' for cpu tensors"]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("fused_token_logprobs impl (cpu): auto chose 'torch' (no native backend: ")
     assert torch.equal(first, fused_token_logprobs(*args, impl="torch"))
 
 

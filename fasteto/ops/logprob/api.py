@@ -4,25 +4,23 @@ without materialising the ``[tokens, vocab]`` logits.
 The op is registered with ``torch.library`` (``fasteto::token_logprobs`` and its backward
 ``fasteto::token_logprobs_backward``), so ``torch.compile`` traces it as one opaque node; the autograd
 rule is ``register_autograd`` on the forward op. Both ops take the resolved backend name and dispatch to
-that backend's host functions; the backends never import each other or the reference.
+that backend's host functions (``torch_chunked.py``, ``native.py``, ``triton.py``); the backends never
+import each other or the reference.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
-import logging
 import math
 from types import ModuleType
 
 import torch
 
-from fasteto.ops.logprob import torch_chunked
+from fasteto.ops.logprob import native, torch_chunked
 from fasteto.ops.logprob.reference import token_logprobs_reference
+from fasteto.utils.choices import record_choice
 
-logger = logging.getLogger(__name__)
-
-IMPLS = ("auto", "triton", "torch", "reference")
+IMPLS = ("auto", "triton", "torch", "native", "reference")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -47,16 +45,22 @@ def fused_token_logprobs(
         bias: ``[V]``, hidden's dtype, or None.
         temperature: > 0. ignore_index: a negative id; those entries give log-prob 0 and no gradient.
         impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked PyTorch),
-            ``"reference"`` (materialised float32 logits), or ``"auto"``: triton for CUDA tensors when
-            triton imports, else torch; the choice is logged once. An explicit impl that cannot run raises.
+            ``"native"`` (the C++ CPU backend in ``kernels/cpu/``, built by ``pip install
+            --no-build-isolation -e .``), ``"reference"`` (materialised float32 logits), or ``"auto"``:
+            for CUDA tensors triton when triton imports, else torch; for CPU tensors native when its
+            library is built (it beats "torch" at every shape of ``bench/test_bench_logprob.py``), else
+            torch. The choice is recorded and logged once (``fasteto.utils.choices``). An explicit impl
+            that cannot run raises with the reason.
         chunk_size: rows per chunk for ``impl="torch"`` (default: one ~32 MiB float32 ``[chunk, V]``
-            block); the other impls ignore it.
+            block) and rows per pass over the vocab for ``impl="native"`` (default: all rows, unless each
+            thread's float32 ``[pass, D]`` grad_hidden would exceed 8 MiB); the other impls ignore it.
 
     Returns:
         ``[...]`` float32 log-probs. GEMMs accumulate in float32 and the softmax is float32; triton keeps
-        the logits in float32 (float32 inputs use IEEE, not TF32, ``tl.dot``), while "torch" rounds
-        bf16/fp16 logits to the input dtype after the GEMM, as plain PyTorch does. Checking the targets'
-        range reads them on the host (one device sync per call).
+        the logits in float32 (float32 inputs use IEEE, not TF32, ``tl.dot``), and so does "native" (its
+        bf16/fp16 GEMMs write float32), while "torch" rounds bf16/fp16 logits to the input dtype after the
+        GEMM, as plain PyTorch does. Checking the targets' range reads them on the host (one device sync
+        per call).
 
     Under ``torch.autocast`` the float inputs are first cast to the autocast dtype (as ``F.linear`` would),
     so an fp32 LM head works with bf16 hidden states; the gradient reaches the fp32 weight in fp32.
@@ -138,15 +142,29 @@ def _check_target_values(targets: torch.Tensor, vocab_size: int, ignore_index: i
 def _resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "triton":
-        reason = _triton_unavailable(device)
+    if impl in ("triton", "native"):
+        reason = _triton_unavailable(device) if impl == "triton" else _native_unavailable(device)
         if reason is not None:
-            raise RuntimeError(f"impl='triton' cannot run: {reason}")
+            raise RuntimeError(f"impl={impl!r} cannot run: {reason}")
     if impl != "auto":
         return impl
-    choice = "triton" if device.type == "cuda" and _triton_unavailable(device) is None else "torch"
-    _announce(choice, device.type)
+    if device.type == "cuda":
+        reason = _triton_unavailable(device)
+        choice, why = ("triton", "triton imports") if reason is None else ("torch", f"no triton: {reason}")
+    else:
+        reason = _native_unavailable(device)
+        choice, why = ("native", "the native C++ library is built") if reason is None else \
+            ("torch", f"no native backend: {reason}")
+    record_choice(f"fused_token_logprobs impl ({device.type})", choice, why)
     return choice
+
+
+def _native_unavailable(device: torch.device) -> str | None:
+    """Why the native C++ backend cannot run on ``device``, or None when it can."""
+    if device.type != "cpu":
+        return (f"the tensors are on {device} and the native backend is CPU-only; pass impl='triton' or "
+                "impl='torch'")
+    return native.unavailable()
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
@@ -167,22 +185,18 @@ def _triton_backend() -> ModuleType:
     return importlib.import_module("fasteto.ops.logprob.triton")
 
 
-@functools.cache
-def _announce(choice: str, device_type: str) -> None:
-    logger.info("fused_token_logprobs: impl='auto' chose %r for %s tensors", choice, device_type)
-
-
 def _backend_forward(impl, hidden, weight, targets, bias, temperature, ignore_index, chunk_size):
-    if impl == "torch":
-        return torch_chunked.forward(hidden, weight, targets, bias, temperature, ignore_index,
-                                     chunk_size or None)
+    if impl in ("torch", "native"):
+        backend = torch_chunked if impl == "torch" else native
+        return backend.forward(hidden, weight, targets, bias, temperature, ignore_index, chunk_size or None)
     return _triton_backend().forward(hidden, weight, targets, bias, temperature, ignore_index)
 
 
 def _backend_backward(impl, grad, hidden, weight, targets, bias, lse, temperature, ignore_index, chunk_size):
-    if impl == "torch":
-        return torch_chunked.backward(grad, hidden, weight, targets, bias, lse, temperature, ignore_index,
-                                      chunk_size or None)
+    if impl in ("torch", "native"):
+        backend = torch_chunked if impl == "torch" else native
+        return backend.backward(grad, hidden, weight, targets, bias, lse, temperature, ignore_index,
+                                chunk_size or None)
     return _triton_backend().backward(grad, hidden, weight, targets, bias, lse, temperature, ignore_index)
 
 
@@ -197,8 +211,8 @@ def _token_logprobs_op(
     impl: str,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[M, D], [V, D], [M], [V]? -> logp [M] float32, lse [M] float32``; ``impl``: "torch" or "triton",
-    ``chunk_size``: 0 for the default."""
+    """``[M, D], [V, D], [M], [V]? -> logp [M] float32, lse [M] float32``; ``impl``: "torch", "native" or
+    "triton", ``chunk_size``: 0 for the default."""
     _check_target_values(targets, weight.shape[0], ignore_index)
     # The backends choose their own precisions; an enclosing autocast must not recast their GEMMs.
     with torch.autocast(hidden.device.type, enabled=False):
