@@ -74,7 +74,7 @@ def test_logprob_forward_backward(benchmark, bench_report, shape, impl):
     step = make_step(tokens, vocab, dim, device, dtype, impl)
     step()  # warm-up: Triton compilation, allocator growth
     peak_bytes, memory_method = peak_memory(step, device)
-    benchmark.pedantic(step, rounds=3 if device == "cpu" else 10, iterations=1)
+    benchmark.pedantic(step, rounds=5 if device == "cpu" else 10, iterations=1)
     stats = benchmark.stats.stats if benchmark.stats is not None else None  # None: --benchmark-disable
     row = record_result("logprob", {
         "bench": "logprob_forward_backward", "device": device_description(device), "tokens": tokens,
@@ -83,6 +83,7 @@ def test_logprob_forward_backward(benchmark, bench_report, shape, impl):
         "native_build": native.build_info() if impl == "native" else None,
         "torch_threads": torch.get_num_threads(), "peak_bytes": peak_bytes, "memory_method": memory_method,
         "seconds_median": stats and stats.median, "seconds_min": stats and stats.min,
+        "seconds_max": stats and stats.max,
         "rounds": stats and stats.rounds,
     })
     bench_report.rows[(shape, impl)] = row
