@@ -335,3 +335,15 @@ def test_triton_on_gpu_matches_reference_without_full_logits():
 
 if __name__ == "__main__":
     print(json.dumps(interpreted_results()))
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_zero_width_hidden_gives_uniform_logprobs(impl):
+    # D = 0: every logit is 0, so each target has log-prob -log V; leading dims are kept
+    hidden, weight = torch.zeros(2, 3, 0, requires_grad=True), torch.zeros(5, 0, requires_grad=True)
+    targets = torch.tensor([[0, 1, -100], [4, 2, 3]])
+    out = fused_token_logprobs(hidden, weight, targets, impl=impl)
+    expected = torch.full((2, 3), -torch.log(torch.tensor(5.0)).item()).masked_fill(targets < 0, 0.0)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert hidden.grad.shape == (2, 3, 0) and weight.grad.shape == (5, 0)

@@ -69,7 +69,7 @@ def fused_token_logprobs(
     _check_inputs(hidden, weight, targets, bias)
     _check_options(temperature, ignore_index, chunk_size)
     backend = _resolve_impl(impl, hidden.device)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_hidden = hidden.reshape(targets.numel(), hidden.shape[-1])  # not -1: D may be 0
     flat_targets = targets.reshape(-1).contiguous()
     if backend == "reference":
         _check_target_values(flat_targets, weight.shape[0], ignore_index)
