@@ -19,13 +19,17 @@ there, fp32 on CPU):
   messages, ``per_device_train_batch_size`` = the case's micro-batch and ``gradient_accumulation_steps``
   giving the same global batch, ``max_length`` = 512 + 3072, ``precompute_ref_log_probs=True`` (like
   fasteto, the reference log-probs are computed once before training, so no reference forward runs in a
-  step), no logging, evaluation, saving or progress bar. TRL 1.16 already scores tokens through its own
-  chunked LM head (no full logits; also entropy, mean logit and top-1 for its metrics): a Triton kernel
-  on CUDA, which scores only completion positions; on CPU an eager torch emulation of that kernel over
-  every position, with full-tile temporaries, which is slower than plain's materialised logits, so the
-  CPU ratios against TRL say little about CUDA. **TRL cannot mask the observations inside a multi-turn
-  continuation**: it trains on every token of chosen and rejected, so its loss is not ETO's (fasteto
-  counts model tokens only); its per-step work is the same forward/backward over the same tokens.
+  step), logging every step (its loss is recorded), no evaluation, saving or progress bar. TRL 1.16
+  already scores tokens through its own chunked LM head (no full logits; also entropy, mean logit and
+  top-1 for its metrics): a Triton kernel on CUDA, which scores only completion positions; on CPU an
+  eager torch emulation of that kernel over every position, with full-tile temporaries, which is slower
+  than plain's materialised logits, so the CPU ratios against TRL say little about CUDA. **Stock TRL
+  cannot mask the observations inside a multi-turn continuation**: it trains on every token of chosen
+  and rejected, so its loss is not ETO's (fasteto counts model tokens only); its per-step work is the
+  same forward/backward over the same tokens.
+- ``trl-fused``: the same ``DPOTrainer`` run, as fasteto's drop-in ``FusedDPOTrainer`` with
+  ``model_tokens_only=True`` (fused log-probs on completion positions, observations not counted). Its
+  loss is ETO's: it must agree with plain's step by step (``LOSS_ATOL``), else no row is written.
 - ``plain``: fasteto's padded reference trainer (``TrainConfig(trainer="plain")``, ``micro_batch`` as
   TRL's).
 - ``fast``: fasteto's packed trainer (``trainer="fast"``: shared-prefix token trees, tree attention,
@@ -215,15 +219,23 @@ def _same_sequences(prepared, tokens: list[TokenizedPair]) -> None:
                     f"({len(ours)}); the contenders would not run the same sequences")
 
 
-def run_trl(model, tokenizer, pairs, tokens: list[TokenizedPair], case: Case, clock, out_dir) -> dict:
-    """``trl.DPOTrainer.train()`` for 1 + ``case.timed`` steps; settings in the module docstring."""
+def run_trl(model, tokenizer, pairs, tokens: list[TokenizedPair], case: Case, clock, out_dir,
+            fused: bool = False) -> dict:
+    """``trl.DPOTrainer.train()`` for 1 + ``case.timed`` steps; settings in the module docstring.
+    ``fused``: fasteto's drop-in ``FusedDPOTrainer`` with ``model_tokens_only=True`` instead."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    losses: list[float] = []
+
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             clock.step_end()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
 
     cuda = case.device == "cuda"
     # transformers 5 renamed gradient_checkpointing (TRL's default: on); fasteto's trainers do not checkpoint
@@ -235,19 +247,28 @@ def run_trl(model, tokenizer, pairs, tokens: list[TokenizedPair], case: Case, cl
         warmup_steps=0, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, beta=BETA,
         loss_type=["sigmoid"], max_length=MAX_PROMPT + MAX_TARGET, precompute_ref_log_probs=True,
         precompute_ref_batch_size=case.micro, bf16=cuda, fp16=False,
-        use_cpu=not cuda, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
+        use_cpu=not cuda, logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no",
+        report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=cuda, seed=0, **no_checkpointing)
     data = Dataset.from_list([{"prompt": to_chat(p.prompt), "chosen": to_chat(p.chosen),
                                "rejected": to_chat(p.rejected)} for p in pairs])
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[Clock()])
+    if fused:
+        from fasteto.integrations.trl import FusedDPOTrainer
+
+        trainer = FusedDPOTrainer(model, args=args, train_dataset=data, processing_class=tokenizer,
+                                  callbacks=[Clock()], model_tokens_only=True)
+    else:
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             callbacks=[Clock()])
     _same_sequences(trainer.train_dataset, tokens)
     trainer.train()
-    settings = {"trainer": "trl.DPOTrainer", "per_device_train_batch_size": case.micro,
+    name = "fasteto.integrations.trl.FusedDPOTrainer(model_tokens_only=True)" if fused else "trl.DPOTrainer"
+    settings = {"trainer": name, "per_device_train_batch_size": case.micro,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps, "bf16": cuda,
                 "precompute_ref_log_probs": True, "gradient_checkpointing": False, "optim": "adamw_torch"}
-    return {"settings": settings,
-            "counted_tokens": sum(len(p.chosen_ids) + len(p.rejected_ids) for p in tokens)}
+    counted = (sum(sum(p.chosen_mask) + sum(p.rejected_mask) for p in tokens) if fused
+               else sum(len(p.chosen_ids) + len(p.rejected_ids) for p in tokens))
+    return {"settings": settings, "losses": losses, "counted_tokens": counted}
 
 
 def _run_one(who: str, base, tokenizer, pairs, tokens, ref, case: Case, threads: int, tmp_path) -> dict:
@@ -255,8 +276,8 @@ def _run_one(who: str, base, tokenizer, pairs, tokens, ref, case: Case, threads:
     torch.set_num_threads(threads)
     model = copy.deepcopy(base).to(device)
     clock = StepClock(model, device, case.timed)
-    if who == "trl":
-        out = run_trl(model, tokenizer, pairs, tokens, case, clock, tmp_path / "trl")
+    if who in ("trl", "trl-fused"):
+        out = run_trl(model, tokenizer, pairs, tokens, case, clock, tmp_path / who, fused=who == "trl-fused")
     else:
         out = run_fasteto(model, tokens, ref, case, who, clock)
     out.update(clock.result())
@@ -291,8 +312,9 @@ def test_dpo_step(bench_report, tmp_path, case: Case) -> None:
         "trl": importlib.metadata.version("trl"),
     }
     outs = {who: _run_one(who, base, tokenizer, pairs, tokens, ref, case, threads, tmp_path)
-            for who in ("trl", "plain", "fast")}
+            for who in ("trl", "trl-fused", "plain", "fast")}
     check_losses_agree(outs["plain"]["losses"], outs["fast"]["losses"])
+    check_losses_agree(outs["plain"]["losses"], outs["trl-fused"]["losses"], "trl-fused")
     rows = {}
     for who, out in outs.items():
         rows[who] = record_result(RESULTS, {
@@ -304,11 +326,11 @@ def test_dpo_step(bench_report, tmp_path, case: Case) -> None:
     bench_report.lines.append(summary(case, rows))
 
 
-def check_losses_agree(plain: list[float], fast: list[float]) -> None:
-    """Plain and fast must have trained on the same loss, step by step (an accuracy check, not speed)."""
-    if len(plain) != len(fast) or any(abs(a - b) > LOSS_ATOL for a, b in zip(plain, fast, strict=True)):
-        raise AssertionError(f"plain and fast losses differ by more than {LOSS_ATOL}: plain {plain}, fast "
-                             f"{fast}; the contenders did not run the same work")
+def check_losses_agree(plain: list[float], other: list[float], who: str = "fast") -> None:
+    """Plain and ``who`` must have trained on the same loss, step by step (an accuracy check, not speed)."""
+    if len(plain) != len(other) or any(abs(a - b) > LOSS_ATOL for a, b in zip(plain, other, strict=True)):
+        raise AssertionError(f"plain and {who} losses differ by more than {LOSS_ATOL}: plain {plain}, {who} "
+                             f"{other}; the contenders did not run the same work")
 
 
 def summary(case: Case, rows: dict[str, dict]) -> str:
@@ -319,7 +341,8 @@ def summary(case: Case, rows: dict[str, dict]) -> str:
         parts.append(f"{who} {row['pairs_per_s']:.3g} pairs/s {row['tokens_per_s']:.4g} tok/s (step "
                      f"{row['median_step_s']:.2f} s [{row['min_step_s']:.2f}-{row['max_step_s']:.2f}]) "
                      f"{row['peak_bytes'] / 2**20:.0f} MiB;")
-    for a, b in (("fast", "trl"), ("fast", "plain"), ("plain", "trl")):
+    for a, b in (("fast", "trl"), ("fast", "plain"), ("plain", "trl"), ("trl-fused", "trl"),
+                 ("fast", "trl-fused")):
         if a in rows and b in rows:
             speed = rows[a]["pairs_per_s"] / rows[b]["pairs_per_s"]
             memory = rows[a]["peak_bytes"] / max(rows[b]["peak_bytes"], 1)

@@ -25,7 +25,8 @@ DTensors, DeepSpeed ZeRO-3). Prompt-learning PEFT is untested.
 ``model_tokens_only=True`` (conversational data only): in ETO a chosen or rejected continuation is several
 turns, assistant replies interleaved with environment observations as user turns, and stock TRL trains on
 every continuation token. With it, only the assistant messages' tokens (what the model writes after the
-template's generation prompt, the end-of-turn tokens included) count in the log-prob sums, so everything
+template's generation prompt, up to and including its end-of-turn token; fasteto's own rule) count in the
+log-prob sums, so everything
 that reads TRL's ``completion_mask`` (sums, ``ipo``/``sigmoid_norm`` lengths, ``sft``) sees model tokens
 only. The mask is derived per record in dataset preprocessing (:func:`model_token_mask`, exact or an error
 naming the record) and applied by the collator (:class:`ModelTokenCollator`).
@@ -230,15 +231,18 @@ def model_token_mask(
     ``prompt_ids + completion_ids`` is TRL's tokenisation of ``prompt + completion`` (``prompt_ids`` being
     TRL's, possibly shortened, prompt). For each assistant message ``j``, its model tokens are those after
     the template's rendering of ``messages[:j]`` with the generation prompt, up to the end of the rendering
-    of ``messages[:j+1]``; both renderings must be token prefixes of TRL's sequence, else ``MaskError`` (a
-    template that re-renders earlier turns, or tokens merging across a turn boundary). Assistant messages
-    in the prompt never count (TRL never trains on the prompt).
+    of ``messages[:j+1]``, cut just after the last end-of-turn token (``tokenizer.eos_token``) in that
+    span: what the model generates for the turn, not the template's glue after it (ChatML's newline after
+    ``<|im_end|>``), the same rule as ``fasteto.data.tokenize``. Both renderings must be token prefixes of
+    TRL's sequence, else ``MaskError`` (a template that re-renders earlier turns, or tokens merging across
+    a turn boundary). Assistant messages in the prompt never count (TRL never trains on the prompt).
 
     Returns:
         ``len(completion_ids)`` ints in {0, 1}.
     """
     full = list(prompt_ids) + list(completion_ids)
     messages = list(prompt) + list(completion)
+    eos = tokenizer.eos_token_id
     mask = [0] * len(full)
     for j in range(len(prompt), len(messages)):
         if messages[j]["role"] != "assistant":
@@ -253,7 +257,10 @@ def model_token_mask(
                 raise MaskError(f"the template's tokens for {what} are not a prefix of the whole "
                                 f"conversation's (they differ from token {at} on), so message {j} "
                                 "(assistant) has no exact span")
-        mask[len(start):len(end)] = [1] * (len(end) - len(start))
+        stop = len(end)
+        if eos is not None and eos in full[len(start):len(end)]:  # cut the template's glue after it
+            stop = len(end) - full[len(start):len(end)][::-1].index(eos)
+        mask[len(start):stop] = [1] * (stop - len(start))
     return mask[len(prompt_ids):]
 
 

@@ -155,8 +155,9 @@ def fused_trainer(tmp_path, data, tokenizer=None, config=None, **kwargs) -> Fuse
 # chosen:   "a</s>\n" 3 model | "<s>user\no</s>\n" 9 | "<s>assistant\n" 11 | "b</s>\n" 3 model      = 26
 # rejected: "a</s>\n" 3 model | "<s>user\n</s>\n" 8  | "<s>assistant\n" 11 | "cd</s>\n" 4 model
 #           | "<s>user\nok</s>\n" 10                                                               = 36
-CHOSEN_MASK = [0] * 21 + [1] * 3 + [0] * (9 + 11) + [1] * 3  # 47 tokens
-REJECTED_MASK = [0] * 21 + [1] * 3 + [0] * (8 + 11) + [1] * 4 + [0] * 10  # 57 tokens
+# A reply's model tokens end at its </s>: the "\n" after it is the template's (the engine writes it).
+CHOSEN_MASK = [0] * 21 + [1, 1, 0] + [0] * (9 + 11) + [1, 1, 0]  # 47 tokens
+REJECTED_MASK = [0] * 21 + [1, 1, 0] + [0] * (8 + 11) + [1, 1, 1, 0] + [0] * 10  # 57 tokens
 TRUNCATIONS = {  # DPOConfig fields -> the collated completion_mask [2, T] of MULTI_TURN[0]
     "none": ({}, [CHOSEN_MASK + [0] * 10, REJECTED_MASK]),
     "keep_start-30": ({"max_length": 30}, [CHOSEN_MASK[:30], REJECTED_MASK[:30]]),
@@ -205,13 +206,17 @@ def test_train_loop_keeps_masks_and_trl_metrics(tmp_path):
     assert not set(NOT_LOGGED) & set(logged)
 
 
-def test_model_token_mask_agrees_on_single_turn(tmp_path):
+def test_model_token_mask_on_single_turn_drops_only_the_glue_after_eos(tmp_path):
+    # stock TRL also counts ChatML's "\n" after </s>, the last completion token; nothing else differs
     trainer = fused_trainer(tmp_path, SINGLE_TURN, model_tokens_only=True)
     plain = fused_trainer(tmp_path / "plain", SINGLE_TURN)
     records = range(len(SINGLE_TURN))
     mask = trainer.data_collator([trainer.train_dataset[i] for i in records])["completion_mask"]
     stock = plain.data_collator([plain.train_dataset[i] for i in records])["completion_mask"]
-    assert torch.equal(mask, stock)
+    last = stock.shape[1] - 1 - stock.flip(1).argmax(1)  # each row's last completion token
+    expected = stock.clone()
+    expected[torch.arange(len(expected)), last] = 0
+    assert torch.equal(mask, expected)
 
 
 # --- refusals ---------------------------------------------------------------------------------------
