@@ -29,8 +29,18 @@ INSTRUCTION_LEN = 2  # messages in the instruction exchange
 TASK_INDEX = 2  # position of the task message
 
 
+EXAMPLE = "example"  # key marking the in-context example's messages in an engine's context
+
+
 def message(role: str, value: str) -> Message:
     return {"from": role, "value": value}
+
+
+def example_message(role: str, value: str) -> Message:
+    """A message of the one-shot in-context example: rendered like any other, but marked, so that a
+    context cap (``rollout.engine.encode_prompt``) can drop the example as a whole and tell the task
+    message from it."""
+    return {"from": role, "value": value, EXAMPLE: True}
 
 
 @dataclass

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from fasteto.data.types import GPT, HUMAN, Message, Trajectory, message
+from fasteto.data.types import GPT, HUMAN, Message, Trajectory, example_message, message
 
 ACK = "OK"
 _ACTION = re.compile(r"Action:[ \t]*(.*)")
@@ -77,7 +77,7 @@ class Prompt:
 
 def load_prompt(env_name: str) -> Prompt:
     data = json.loads(resources.files("fasteto.envs").joinpath(f"prompts/{env_name}.json").read_text())
-    icl = tuple(message(role, text) for role, text in data["icl"])
+    icl = tuple(example_message(role, text) for role, text in data["icl"])
     return Prompt(instruction="\n".join(data["instruction"]), icl=icl)
 
 

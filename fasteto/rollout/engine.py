@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from fasteto.data.chat import prompt_ids
-from fasteto.data.types import HUMAN, Message
+from fasteto.data.types import EXAMPLE, HUMAN, Message
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
@@ -78,10 +78,13 @@ def encode_prompt(tokenizer: Any, conversation: list[Message], max_context: int 
                   max_new_tokens: int = 0) -> list[int]:
     """Token ids of ``conversation`` formatted for the model's next reply.
 
-    ``max_context`` bounds prompt + ``max_new_tokens``. A longer prompt loses whole exchanges, oldest
-    first, right after the first two messages (ETO's instruction exchange), so the one-shot example goes
-    first, then the earliest turns; roles keep alternating and no message is cut mid-way. A prompt that
-    does not fit even as instruction exchange + last message raises ValueError. ``None`` never truncates.
+    ``max_context`` bounds prompt + ``max_new_tokens``. A conversation is the instruction exchange (its
+    first two messages), the in-context example (messages marked ``EXAMPLE``, if any), the task message,
+    then alternating replies and observations. A prompt over the budget loses, in this order and only as
+    far as needed: the whole example at once (half an example would show a task without its start),
+    then whole exchanges (a reply and the observation after it), oldest first. The instruction exchange,
+    the task message and the last observation are never cut, and no message is cut mid-way; a prompt
+    that does not fit even so raises ValueError. ``None`` never truncates.
     """
     if not conversation or conversation[-1]["from"] != HUMAN:
         raise ValueError("a conversation given to the engine must end with a human message")
@@ -91,12 +94,16 @@ def encode_prompt(tokenizer: Any, conversation: list[Message], max_context: int 
     budget = max_context - max_new_tokens
     kept = list(conversation)
     while len(ids) > budget:
-        if len(kept) <= 3:
+        without_example = [m for m in kept if not m.get(EXAMPLE)]
+        if len(without_example) < len(kept):
+            kept = without_example
+        elif len(kept) > 5:  # instruction, acknowledgement, task, then (reply, observation) exchanges
+            kept = kept[:3] + kept[5:]
+        else:
             raise ValueError(
-                f"the prompt needs {len(ids)} tokens even reduced to the instruction exchange and the "
-                f"last message, over max_context={max_context} minus max_new_tokens="
+                f"the prompt needs {len(ids)} tokens even reduced to the instruction exchange, the task "
+                f"and the last observation, over max_context={max_context} minus max_new_tokens="
                 f"{max_new_tokens}; raise max_context or lower max_new_tokens")
-        kept = kept[:2] + kept[4:]
         ids = prompt_ids(tokenizer, kept)
     return ids
 

@@ -51,13 +51,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 def lr_factor(step: int, total_steps: int, warmup_ratio: float, schedule: str) -> float:
-    """LR multiplier before optimizer step ``step`` (0-based), matching transformers'
-    ``get_cosine_schedule_with_warmup`` / ``get_constant_schedule_with_warmup`` with
-    ``warmup = ceil(warmup_ratio * total_steps)``: linear 0 → 1 over the warmup, then cosine to 0 at
-    ``total_steps`` or constant 1."""
+    """LR multiplier before optimizer step ``step`` (0-based): linear warmup over
+    ``warmup = ceil(warmup_ratio * total_steps)`` steps, then cosine to 0 at ``total_steps`` or constant 1.
+
+    The warmup ramps ``1/(w+1), 2/(w+1), ..., w/(w+1)`` and then reaches 1: no optimizer step runs at
+    LR 0. Hugging Face's ``get_*_schedule_with_warmup`` (what ETO's public code ran) start at ``0/w``,
+    which wastes the first step, and a whole run of a few steps (ceil makes ``w >= 1`` for any ratio > 0)
+    loses a large share of its updates. After the warmup the two agree exactly."""
     warmup = math.ceil(warmup_ratio * total_steps)
     if step < warmup:
-        return step / max(1, warmup)
+        return (step + 1) / (warmup + 1)
     if schedule == "constant":
         return 1.0
     progress = (step - warmup) / max(1, total_steps - warmup)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_engine import conversations
+from test_engine import conversations, with_example_and_turns
 from test_explore import CONTEXT_LEN, ReplayEngine, ToyEnv, toy_envs, toy_script  # noqa: F401 (fixture)
 from tiny import byte_tokenizer, tiny_llama
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -156,8 +156,8 @@ def test_two_new_episodes_share_their_prefix_within_one_step(model, tokenizer):
 
 
 def test_truncated_prompts_match_the_plain_engine(model, tokenizer):
-    convs = conversations()
-    limit = len(TransformersEngine(model, tokenizer).encode(convs[2])) - 20
+    convs = conversations() + [with_example_and_turns()]
+    limit = len(TransformersEngine(model, tokenizer).encode(convs[-1])) - 20
     cfg = GenerationConfig(max_new_tokens=6)
     assert ContinuousEngine(model, tokenizer, max_context=limit).generate(convs, cfg) == \
         TransformersEngine(model, tokenizer, max_context=limit).generate(convs, cfg)

@@ -8,7 +8,7 @@ from tiny import byte_tokenizer, tiny_llama
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fasteto.data.chat import to_chat
-from fasteto.data.types import GPT, HUMAN, message
+from fasteto.data.types import GPT, HUMAN, example_message, message
 from fasteto.rollout.engine import GenerationConfig, TransformersEngine, stop_token_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread is much faster
@@ -31,6 +31,16 @@ def conversations() -> list[list[dict]]:
     long = medium + [message(GPT, "Thought: go.\nAction: look around"),
                      message(HUMAN, "Observation: This room is called the kitchen. " * 4)]
     return [medium, short, long, [message(HUMAN, "Ünïcode tëxt, 3 × 4 = 12.")]]
+
+
+def with_example_and_turns() -> list[dict]:
+    """An engine context as the explorer builds it: instruction exchange, a two-message in-context
+    example, the task, then two exchanges; every message is distinct so a cut shows which went."""
+    return [message(HUMAN, "You are an agent."), message(GPT, "OK"),
+            example_message(HUMAN, "Example task: open the door."), example_message(GPT, "Action: open door"),
+            message(HUMAN, "Boil water."),
+            message(GPT, "Thought: go.\nAction: look around"), message(HUMAN, "Observation: a kitchen. " * 3),
+            message(GPT, "Thought: take it.\nAction: pick up pot"), message(HUMAN, "Observation: taken.")]
 
 
 def test_chat_roles_and_template(tokenizer):
@@ -95,18 +105,23 @@ def test_unseeded_sampling_advances_the_global_generator(model, tokenizer):
     assert engine.generate(conversations(), cfg) != engine.generate(conversations(), cfg)
 
 
-def test_max_context_drops_oldest_exchanges_after_the_instruction(model, tokenizer):
-    convs = conversations()
-    long = convs[2]  # instruction, OK, task, reply, long observation
+def test_max_context_drops_the_example_then_oldest_exchanges_never_the_task(model, tokenizer):
+    conv = with_example_and_turns()
+    instruction, ack, _, _, task, reply1, obs1, reply2, obs2 = conv
     engine = TransformersEngine(model, tokenizer)
-    full = engine.encode(long)
-    minimal = engine.encode([long[0], long[1], long[4]])
-    engine.max_context = len(full) - 1 + 4  # one token too many with max_new_tokens=4
-    assert engine.encode(long, max_new_tokens=4) == minimal
-    assert engine.encode(long, max_new_tokens=3) == full
+    full = engine.encode(conv)
+    no_example = engine.encode([instruction, ack, task, reply1, obs1, reply2, obs2])
+    minimal = engine.encode([instruction, ack, task, reply2, obs2])
+    engine.max_context = len(full) + 4
+    assert engine.encode(conv, max_new_tokens=4) == full  # fits exactly
+    assert engine.encode(conv, max_new_tokens=5) == no_example  # one token over: the whole example goes
+    engine.max_context = len(no_example) + 4
+    assert engine.encode(conv, max_new_tokens=5) == minimal  # then the oldest exchange, not the task
     engine.max_context = len(minimal) + 3
-    with pytest.raises(ValueError, match="max_context"):
-        engine.encode(long, max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_context"):  # the task and last observation never go
+        engine.encode(conv, max_new_tokens=4)
+    engine.max_context = None
+    assert engine.encode(conv, max_new_tokens=10**6) == full
 
 
 def test_update_weights_swaps_the_policy(model, tokenizer):

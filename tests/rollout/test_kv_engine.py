@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_engine import conversations
+from test_engine import conversations, with_example_and_turns
 from tiny import byte_tokenizer, end_turn_after, tiny_llama
 
 from fasteto.data.types import GPT, HUMAN, message
@@ -102,9 +102,9 @@ def test_rows_end_at_different_steps(tokenizer):
 
 
 def test_truncated_prompts_match_the_plain_engine(model, tokenizer):
-    convs = conversations()
+    convs = conversations() + [with_example_and_turns()]
     plain = TransformersEngine(model, tokenizer, max_context=len(TransformersEngine(model, tokenizer)
-                                                                  .encode(convs[2])) - 20)
+                                                                  .encode(convs[-1])) - 20)
     cached = KVCacheEngine(model, tokenizer, max_context=plain.max_context)
     cfg = GenerationConfig(max_new_tokens=6)
     assert cached.generate(convs, cfg) == plain.generate(convs, cfg)

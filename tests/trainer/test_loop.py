@@ -60,30 +60,37 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_lr_factor_exact() -> None:
-    # cosine, 5 steps, warmup ceil(0.3·5) = 2: step 0 → 0/2, step 1 → 1/2, then progress p = (s − 2)/3:
+    # cosine, 5 steps, warmup ceil(0.3·5) = 2: step 0 → 1/3, step 1 → 2/3, then progress p = (s − 2)/3:
     # s=2: p=0 → 1; s=3: p=1/3 → (1 + cos(π/3))/2 = 0.75; s=4: p=2/3 → (1 + cos(2π/3))/2 = 0.25
     got = [lr_factor(s, 5, 0.3, "cosine") for s in range(5)]
-    assert got == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.25], abs=1e-12)
-    # constant, 12 steps, warmup ceil(0.1·12) = 2: 0, 0.5, then 1
-    assert [lr_factor(s, 12, 0.1, "constant") for s in range(4)] == [0.0, 0.5, 1.0, 1.0]
+    assert got == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.25], abs=1e-12)
+    # constant, 12 steps, warmup ceil(0.1·12) = 2: 1/3, 2/3, then 1
+    assert [lr_factor(s, 12, 0.1, "constant") for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
     # no warmup: constant 1 from the first step
     assert lr_factor(0, 10, 0.0, "constant") == 1.0
-    # and Hugging Face's schedulers (what ETO's public code ran) agree everywhere
+    # a 4-step run with ETO's SFT ratio: its first step is not at LR 0 (it was, as in Hugging Face's)
+    assert lr_factor(0, 4, 0.03, "cosine") == 0.5
+    # Hugging Face's schedulers (what ETO's public code ran) agree everywhere after the warmup, and
+    # during it ours is theirs shifted by one step: (s + 1) / (w + 1) vs s / w
     for schedule, make in (
         ("cosine", transformers.get_cosine_schedule_with_warmup),
         ("constant", lambda opt, w, total: transformers.get_constant_schedule_with_warmup(opt, w)),
     ):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
-        hf = make(opt, math.ceil(0.03 * 97), 97)
+        warmup = math.ceil(0.03 * 97)
+        hf = make(opt, warmup, 97)
         for s in range(97):
-            assert hf.lr_lambdas[0](s) == pytest.approx(lr_factor(s, 97, 0.03, schedule), abs=1e-12)
+            ours = lr_factor(s, 97, 0.03, schedule)
+            expected = (s + 1) / (warmup + 1) if s < warmup else hf.lr_lambdas[0](s)
+            assert ours == pytest.approx(expected, abs=1e-12)
+            assert ours > 0
 
 
 def test_lr_sequence_seen_by_training() -> None:
     seen: list[float] = []
     cfg = TrainConfig(lr=0.1, epochs=1, global_batch=1, micro_batch=1, schedule="cosine", warmup_ratio=0.3)
     train_sft(tiny_llama(), make_seqs([5] * 5), cfg, on_step=lambda m: seen.append(m["lr"]))
-    assert seen == pytest.approx([0.0, 0.05, 0.1, 0.075, 0.025], abs=1e-12)
+    assert seen == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.075, 0.025], abs=1e-12)
 
 
 def test_stage_configs_come_from_the_run_options() -> None:
