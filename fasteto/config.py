@@ -250,7 +250,8 @@ class DPOConfig(TrainerOptions):
     global_batch: int = _help("pairs per optimizer step", 32)
     micro_batch: int = _help("plain trainer: pairs per forward pass", 1)
     warmup_ratio: float = _help("linear warmup, then constant", 0.1)
-    max_prompt: int = _help("prompt tokens kept (its end)", 512)
+    # ETO's 512 fits its Llama-2 prompts; ScienceWorld's instruction exchange alone is ~430 SmolLM2 tokens.
+    max_prompt: int = _help("most prompt tokens; a pair with a longer prompt is dropped (never cut)", 1024)
     max_target: int = _help("chosen / rejected tokens kept (their start)", 3072)
     max_extra_messages: str = _help("cut of a losing trajectory: N, 'none', or 'auto' (ETO's per env)",
                                     "auto")

@@ -279,7 +279,8 @@ class EtoLoop:
         pairs: list[Pair] = [p for env in self.envs for p in read_pairs(pairs_info[env]["file"])]
         d = self.cfg.dpo
         tokens, dropped = tokenize_pairs(self.tokenizer, pairs, d.max_prompt, d.max_target)
-        print(f"{len(tokens)} pairs ({dropped} dropped: no model token left after truncation)")
+        print(f"{len(tokens)} pairs, {sum(dropped.values())} dropped"
+              + "".join(f"\n  dropped: {n} x {why}" for why, n in dropped.items()))
         if not tokens:
             print("no pairs: the policy is kept as it is for this iteration")
             return str(policy)

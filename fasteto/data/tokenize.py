@@ -21,14 +21,17 @@ characters overlap a model span. This needs the template to render by concatenat
 render above must be a prefix of the full render; a template that is not raises ``ValueError``.
 
 **Truncation** (lengths in tokens): a conversation longer than ``max_length`` keeps its start. For a
-pair, a prompt longer than ``max_prompt`` keeps its *end* (the last tokens before the model speaks, as
-ETO's TRL ``truncation_mode="keep_end"``; a BOS at the start may be lost with it), and each continuation
-keeps its first ``max_target`` tokens. A record left with no model token is returned as None and counted
-as dropped by the ``tokenize_*`` helpers.
+pair, the prompt is never cut: a prompt longer than ``max_prompt`` raises ``PromptTooLongError``, and
+``tokenize_pairs`` drops that pair and counts it. ETO's TRL run kept a long prompt's *end*
+(``truncation_mode="keep_end"``), which loses the system prompt and the instruction's head, both of which
+inference always shows: the policy would be trained on a context it never sees. Each continuation keeps
+its first ``max_target`` tokens. A record left with no model token is returned as None and counted as
+dropped by the ``tokenize_*`` helpers.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +42,12 @@ from fasteto.data.tokenized import TokenizedPair, TokenizedSequence
 from fasteto.data.types import GPT, Pair, Trajectory
 
 Span = tuple[int, int]  # [start, end) in characters of the rendered text
+NO_MODEL_TOKEN = "no model token left after truncation"
+PROMPT_TOO_LONG = "prompt over max_prompt (never cut; raise --dpo.max-prompt)"
+
+
+class PromptTooLongError(ValueError):
+    """A DPO pair's prompt has more tokens than ``max_prompt``; prompts are never cut."""
 
 
 def model_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]],
@@ -120,7 +129,8 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, traj: Trajectory,
 def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: Pair, max_prompt: int,
                   max_target: int) -> TokenizedPair | None:
     """One DPO pair → shared prompt ids ``(p,)``, ``p ≤ max_prompt``, and per continuation ids and mask
-    ``(c,)``, ``c ≤ max_target``. None when chosen or rejected has no model token left.
+    ``(c,)``, ``c ≤ max_target``. None when chosen or rejected has no model token left;
+    ``PromptTooLongError`` when the prompt has more than ``max_prompt`` tokens.
 
     The prompt is rendered with the generation prompt (it ends with the assistant header); a
     continuation is the rest of render(prompt + continuation). Its assistant messages are masked
@@ -141,7 +151,12 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: Pair, max_prompt: in
         if not any(mask):
             return None
         sides[side] = (ids, mask)
-    return TokenizedPair(id=pair.id, prompt_ids=prompt_ids[-max_prompt:],
+    if len(prompt_ids) > max_prompt:
+        raise PromptTooLongError(
+            f"pair {pair.id!r}: its prompt has {len(prompt_ids)} tokens, over max_prompt={max_prompt}; "
+            f"prompts are never cut (inference always shows the whole instruction and task), so raise "
+            f"max_prompt (--dpo.max-prompt) to at least {len(prompt_ids)}")
+    return TokenizedPair(id=pair.id, prompt_ids=prompt_ids,
                          chosen_ids=sides["chosen"][0], chosen_mask=sides["chosen"][1],
                          rejected_ids=sides["rejected"][0], rejected_mask=sides["rejected"][1])
 
@@ -181,13 +196,18 @@ def tokenize_trajectories(tokenizer: PreTrainedTokenizerBase, trajectories: Iter
 
 
 def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Iterable[Pair], max_prompt: int,
-                   max_target: int) -> tuple[list[TokenizedPair], int]:
-    """DPO data: (tokenised pairs, number dropped for having no model token left on a side)."""
-    out, dropped = [], 0
+                   max_target: int) -> tuple[list[TokenizedPair], Counter]:
+    """DPO data: (tokenised pairs, dropped pairs counted by reason: ``PROMPT_TOO_LONG``,
+    ``NO_MODEL_TOKEN``)."""
+    out, dropped = [], Counter()
     for pair in pairs:
-        tp = tokenize_pair(tokenizer, pair, max_prompt, max_target)
+        try:
+            tp = tokenize_pair(tokenizer, pair, max_prompt, max_target)
+        except PromptTooLongError:
+            dropped[PROMPT_TOO_LONG] += 1
+            continue
         if tp is None:
-            dropped += 1
+            dropped[NO_MODEL_TOKEN] += 1
         else:
             out.append(tp)
     return out, dropped

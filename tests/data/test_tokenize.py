@@ -13,6 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 from fasteto.data.chat import to_chat
 from fasteto.data.tokenize import (
+    PROMPT_TOO_LONG,
+    PromptTooLongError,
     model_spans,
     spans_to_mask,
     tokenize_conversation,
@@ -176,9 +178,13 @@ def test_pair_with_chosen_equal_to_rejected(tok):
     assert tp.chosen_mask == tp.rejected_mask == [T, T, F, F, F, F, F, F, T, T]
 
 
-def test_prompt_truncation_keeps_the_end(tok):
-    tp = tokenize_pair(tok, pair(gpt_first("go"), gpt_first("look")), max_prompt=4, max_target=3072)
-    assert tp.prompt_ids == [TASK, E, S, ASST]
+def test_prompt_is_never_cut(tok):
+    p = pair(gpt_first("go"), gpt_first("look"))
+    full = tokenize_pair(tok, p, max_prompt=512, max_target=3072).prompt_ids
+    assert tokenize_pair(tok, p, max_prompt=len(full), max_target=3072).prompt_ids == full
+    with pytest.raises(PromptTooLongError, match=f"pair 7: its prompt has {len(full)} tokens, over "
+                                                 f"max_prompt={len(full) - 1}.*--dpo.max-prompt"):
+        tokenize_pair(tok, p, max_prompt=len(full) - 1, max_target=3072)
 
 
 def test_target_truncation_keeps_the_start(tok):
@@ -212,12 +218,14 @@ def test_limits_must_be_positive(tok):
         tokenize_pair(tok, pair(gpt_first("go"), gpt_first("look")), max_prompt=512, max_target=0)
 
 
-def test_tokenize_pairs_returns_all_and_drop_count(tok):
+def test_tokenize_pairs_returns_all_and_drop_counts(tok):
     pairs = [pair(gpt_first("go"), gpt_first("look")), pair(gpt_first("win"), gpt_first("lose"))]
-    out, dropped = tokenize_pairs(tok, pairs, max_prompt=2, max_target=1)
-    assert [(t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in out] == [
-        ([S, ASST], [GO], [LOOK]), ([S, ASST], [WIN], [LOSE])]
-    assert dropped == 0
+    out, dropped = tokenize_pairs(tok, pairs, max_prompt=512, max_target=1)
+    assert [(t.chosen_ids, t.rejected_ids) for t in out] == [([GO], [LOOK]), ([WIN], [LOSE])]
+    assert dropped == {}
+    prompt = len(out[0].prompt_ids)
+    out, dropped = tokenize_pairs(tok, pairs, max_prompt=prompt - 1, max_target=1)
+    assert out == [] and dropped == {PROMPT_TOO_LONG: 2}
 
 
 # ---- the real tokenizer --------------------------------------------------------------------------------
