@@ -1,4 +1,5 @@
-"""The `fasteto` command: check the environments, make expert trajectories, build DPO pairs and RFT sets."""
+"""The `fasteto` command: check the environments, make expert trajectories, build DPO pairs and RFT sets,
+compare the results of runs."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ def _expert(args: argparse.Namespace) -> int:
     kwargs = _env_kwargs(args)
     report = make_experts(args.env, args.split, limit=args.limit, workers=args.workers,
                           cache_dir=args.cache_dir, env_kwargs=kwargs)
+    from fasteto.rollout.seen import check_seen
+
     write_trajectories(args.output, report.trajectories, "sft")
     print(report.summary())
+    print(check_seen(report.trajectories).summary())
     print(f"wrote {len(report.trajectories)} expert trajectories to {args.output}")
     return 0
 
@@ -61,6 +65,17 @@ def _check(args: argparse.Namespace) -> int:
     return run_check(args.env, alfworld_data=args.alfworld_data, tasks=args.tasks)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from fasteto.compare import compare
+    from fasteto.utils.io import atomic_write_text
+
+    text = compare(args.runs, args.rows)
+    print(text)
+    if args.output:
+        atomic_write_text(args.output, text + "\n")
+    return 0
+
+
 def _env_kwargs(args: argparse.Namespace) -> dict:
     if args.env == "alfworld":
         return {"data": args.alfworld_data, "expert": args.alfworld_expert}
@@ -97,10 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     expert.add_argument("--workers", type=int, help="worker processes (default: one per core)")
     expert.add_argument("--cache-dir", help="per-task cache (default: $FASTETO_CACHE or ~/.cache/fasteto)")
     expert.add_argument("--alfworld-data", help="ALFWorld data folder (default: $ALFWORLD_DATA)")
-    expert.add_argument("--alfworld-expert", default="auto", choices=["auto", "planner", "handcoded"],
-                        help="ALFWorld's expert: the PDDL planner, the hand-coded searcher, or auto "
-                             "(default): the planner, and the hand-coded expert where the planner takes "
-                             "over a minute")
+    expert.add_argument("--alfworld-expert", default="auto",
+                        choices=["auto", "gt_traj", "handcoded", "planner"],
+                        help="ALFWorld's expert: gt_traj (the searching trajectories shipped beside the "
+                             "train games), handcoded (ALFWorld's searching expert), planner (PDDL; knows "
+                             "where everything is), or auto (default): gt_traj, then handcoded where "
+                             "gt_traj does not win")
     expert.add_argument("-o", "--output", required=True, help="the SFT file to write (JSON)")
     expert.set_defaults(func=_expert)
 
@@ -124,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     rft.add_argument("-o", "--output", required=True, help="the SFT file to write (JSON)")
     rft.add_argument("--threshold", type=float, default=1.0, help="success: reward >= this (default 1.0)")
     rft.set_defaults(func=_rft)
+
+    compare = sub.add_parser("compare", help="compare run folders: every row with its 95%% interval, and "
+                                              "paired differences on shared tasks (Markdown)")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with its summary.json); "
+                         "by default each later run is compared with the first, method by method")
+    compare.add_argument("--rows", nargs="+", metavar="RUN:LABEL",
+                         help='compare these rows instead, each later one minus the first; after the run '
+                              'folders, e.g. runs/a runs/b --rows "runs/a:SFT" "runs/b:ETO iteration 1" '
+                              '(RUN: a folder as given, or its last name)')
+    compare.add_argument("-o", "--output", help="also write the Markdown to this file")
+    compare.set_defaults(func=_compare)
     return parser
 
 

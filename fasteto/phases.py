@@ -184,6 +184,7 @@ class EtoLoop:
         return read_trajectories(path, "explored")
 
     def _evaluate(self, label: str, policy: Path | str) -> None:
+        from fasteto.report import with_intervals
         from fasteto.rollout.engine import GenerationConfig
         from fasteto.rollout.explore import ExploreJob, explore_many, summarise
 
@@ -201,8 +202,11 @@ class EtoLoop:
                 by_id = {t.key: t for t in report.trajectories}
                 for split in splits:
                     result = summarise([by_id[str(t)] for t in self.tasks[env][split]])
-                    rows.append({"label": label, "env": env, "split": split, **dataclasses.asdict(result)})
-                    self.run_folder.log({"phase": f"eval-{_slug(label)}", **rows[-1]})
+                    # The per-task rewards stay in the row: intervals and paired comparisons need them.
+                    rows.append(with_intervals({"label": label, "env": env, "split": split,
+                                                **dataclasses.asdict(result)}))
+                    logged = {k: v for k, v in rows[-1].items() if k != "rewards"}  # metrics stay small
+                    self.run_folder.log({"phase": f"eval-{_slug(label)}", **logged})
             return rows
 
         self.evaluations += self._phase(f"eval-{_slug(label)}", work)
@@ -305,7 +309,7 @@ class EtoLoop:
         return self._save(model, f"dpo-{k}")
 
     def _finish(self) -> None:
-        from fasteto.report import plot_run, read_metrics, results_table
+        from fasteto.report import INTERVALS, differences, plot_run, read_metrics, report_markdown
         from fasteto.utils.io import atomic_write_json
 
         metrics = read_metrics(self.run_folder.path / "metrics.jsonl")
@@ -314,6 +318,9 @@ class EtoLoop:
             "envs": self.envs,
             "tasks": {e: {s: len(ids) for s, ids in splits.items()} for e, splits in self.tasks.items()},
             "evaluations": self.evaluations,
+            # Each method minus the previous one and minus the first, paired on the same tasks.
+            "differences": differences(self.evaluations),
+            "intervals": INTERVALS,
             # Wall time of each phase as it ran (a resumed phase keeps its first, finished run's time).
             "phase_seconds": {r["phase"]: r["phase_seconds"] for r in metrics if "phase_seconds" in r},
             # What every auto option resolved to, as each phase ran (backends, dtypes; with the reason).
@@ -321,7 +328,7 @@ class EtoLoop:
         }
         atomic_write_json(self.run_folder.path / "summary.json", summary)
         plot_run(self.run_folder.path / "metrics.jsonl", summary, self.run_folder.path / "curves.png")
-        print("\n" + results_table(summary))
+        print("\n" + report_markdown(summary))
 
     # Helpers ---------------------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """Run reports: the paper's results table as Markdown, and one PNG of training curves and rewards.
 
 The table follows the layout of ETO's results (rows = methods, columns = environment × split,
-values = average reward × 100); each cell also carries the success rate and the number of tasks, because
-small evaluation sets make a bare average misleading.
+values = average reward × 100); each cell also carries the success rate, the number of tasks and 95%
+intervals (percentile bootstrap over tasks, ``fasteto.stats``), because small evaluation sets make a
+bare average misleading. A second table gives paired differences between methods on the same tasks.
+Summaries written before per-task rewards were kept still render, their intervals shown as ``n/a``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fasteto import stats
+
 ENV_NAMES = {"sciworld": "SciWorld", "alfworld": "ALFWorld", "webshop": "WebShop"}
 MISSING = "–"
+NOT_AVAILABLE = "n/a"
+METRICS = ("average_reward_x100", "success_rate")
+# How the intervals were made, written into summary.json beside them.
+INTERVALS = {"method": "percentile bootstrap over tasks; differences paired on the same tasks",
+             "level": stats.LEVEL, "resamples": stats.RESAMPLES, "seed": stats.SEED}
+NOTE = (f"Cells: average reward × 100 [95% CI] (success rate [95% CI], tasks). Intervals: percentile "
+        f"bootstrap over tasks ({stats.RESAMPLES:,} resamples, seed {stats.SEED}); differences are paired "
+        "on the tasks both rows share, success in percentage points (pp); unpaired: tasks of one side "
+        "only; n/a: no per-task rewards recorded.")
 
 Column = tuple[str, str]  # (env, split)
 
@@ -44,32 +57,142 @@ def _collect(evaluations: list[dict]) -> tuple[list[str], list[Column], dict[tup
     return labels, columns, cells
 
 
-def _column_title(column: Column) -> str:
+def column_title(column: Column) -> str:
     """`("sciworld", "seen")` -> `"SciWorld seen"`; unknown environments keep their own name."""
     env, split = column
     return f"{ENV_NAMES.get(env, env)} {split}"
 
 
+def _metric_values(rewards: dict[str, float], metric: str) -> dict[str, float]:
+    """Per task, the value `metric` averages: reward × 100, or 1.0 for a success (reward 1.0, as in
+    `fasteto.rollout.explore.summarise`) and 0.0 otherwise."""
+    if metric == "average_reward_x100":
+        return {task: 100.0 * float(r) for task, r in rewards.items()}
+    return {task: float(r == 1.0) for task, r in rewards.items()}
+
+
+def with_intervals(row: dict) -> dict:
+    """`row` plus `"ci95"`: `{metric: [low, high]}` for both metrics, bootstrapped over `row["rewards"]`
+    (task id -> reward); None when the row has no tasks. Returns a new dict."""
+    rewards = row["rewards"]
+    ci = None
+    if rewards:
+        ci = {m: list(stats.bootstrap_ci(list(_metric_values(rewards, m).values()))) for m in METRICS}
+    return {**row, "ci95": ci}
+
+
+def difference(row: dict, baseline: dict) -> dict | None:
+    """`row` − `baseline`, paired on the tasks both have, for both metrics; None when either row has no
+    per-task rewards (an old summary). Labels, env and split are the rows' own.
+
+    `{"label", "baseline", "env", "split", "n_paired", "only_label", "only_baseline",
+    "average_reward_x100": {"mean", "ci95"}, "success_rate": {"mean", "ci95"}}`; with no shared task
+    the means and intervals are None.
+    """
+    if "rewards" not in row or "rewards" not in baseline:
+        return None
+    out: dict[str, Any] = {"label": row["label"], "baseline": baseline["label"], "env": row["env"],
+                           "split": row["split"]}
+    for metric in METRICS:
+        d = stats.paired_difference(_metric_values(row["rewards"], metric),
+                                    _metric_values(baseline["rewards"], metric))
+        out.update(n_paired=d.n_paired, only_label=d.only_a, only_baseline=d.only_b)
+        out[metric] = {"mean": d.mean, "ci95": None if d.ci is None else list(d.ci)}
+    return out
+
+
+def differences(evaluations: list[dict]) -> list[dict]:
+    """Paired differences between the labels of a run, per env × split: each label minus the one before
+    it (SFT − base, ETO iteration k − the previous), then each later label minus the first (vs base).
+    Rows without per-task rewards are left out. See `difference` for one entry."""
+    labels, columns, cells = _collect(evaluations)
+    pairs = list(zip(labels[1:], labels, strict=False)) + [(label, labels[0]) for label in labels[2:]]
+    out = []
+    for label, baseline in pairs:
+        for column in columns:
+            if (label, column) in cells and (baseline, column) in cells:
+                d = difference(cells[(label, column)], cells[(baseline, column)])
+                if d is not None:
+                    out.append(d)
+    return out
+
+
+def _interval(ci: list[float] | None, scale: float = 1.0, digits: int = 1) -> str:
+    """`[48.2, 74.0]`, or `[n/a]` when no interval is known."""
+    if ci is None:
+        return f"[{NOT_AVAILABLE}]"
+    return f"[{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+def _ci(ev: dict, metric: str) -> list[float] | None:
+    """The row's 95% interval of `metric`, or None (a row of an old summary, or with no tasks)."""
+    return (ev.get("ci95") or {}).get(metric)
+
+
 def _cell(ev: dict) -> str:
-    """One table cell: `"61.3 (40%, n=5)"` = average reward × 100, success rate, number of tasks."""
-    return f"{ev['average_reward_x100']:.1f} ({ev['success_rate'] * 100:.0f}%, n={ev['n']})"
+    """One table cell, `"61.3 [48.2, 74.0] (40% [20, 60], n=5)"`: average reward × 100 and its 95%
+    interval, success rate and its interval, number of tasks; `[n/a]` where a summary has no intervals."""
+    if ev["n"] == 0:
+        return "no tasks"
+    reward, success = _interval(_ci(ev, "average_reward_x100")), _interval(_ci(ev, "success_rate"), 100, 0)
+    rate = ev["success_rate"] * 100
+    return f"{ev['average_reward_x100']:.1f} {reward} ({rate:.0f}% {success}, n={ev['n']})"
 
 
-def results_table(summary: dict) -> str:
+def results_table(summary: dict, corner: str = "method") -> str:
     """Render `summary["evaluations"]` as a Markdown table, one row per label, one column per env × split.
 
-    Each evaluation is `{"label", "env", "split", "average_reward_x100", "success_rate" (0..1), "n"}`.
-    Rows and columns keep their first-appearance order; a label never evaluated on a column shows `–`.
-    The string has no trailing newline.
+    Each evaluation is `{"label", "env", "split", "average_reward_x100", "success_rate" (0..1), "n"}`,
+    optionally with `"ci95"` (see `with_intervals`). Rows and columns keep their first-appearance order;
+    a label never evaluated on a column shows `–`; `corner` heads the labels. No trailing newline.
     """
     labels, columns, cells = _collect(summary.get("evaluations", []))
+    return _table(corner, labels, columns, {key: _cell(ev) for key, ev in cells.items()})
+
+
+def _difference_cell(d: dict) -> str:
+    """`"+4.2 [-1.3, 9.8] (+20 pp [0, 40], n=5)"`: paired mean difference of reward × 100 and of the
+    success rate (percentage points), each with its 95% interval, and the number of tasks paired."""
+    unpaired = d["only_label"] + d["only_baseline"]
+    if d["n_paired"] == 0:
+        return f"no shared tasks ({unpaired} unpaired)"
+    count = f"n={d['n_paired']}" + (f" paired, {unpaired} unpaired" if unpaired else "")
+    reward, success = d["average_reward_x100"], d["success_rate"]
+    return (f"{reward['mean']:+.1f} {_interval(reward['ci95'])} "
+            f"({success['mean'] * 100:+.0f} pp {_interval(success['ci95'], 100, 0)}, {count})")
+
+
+def differences_table(entries: list[dict]) -> str:
+    """Render paired differences (see `difference`) as a Markdown table: one row per `label − baseline`,
+    one column per env × split, in first-appearance order; `n/a` where a pair has no entry for a column
+    (no per-task rewards). With no entries, one sentence saying so. No trailing newline."""
+    if not entries:
+        return "No paired differences: fewer than two methods with per-task rewards."
+    rows: list[str] = []
+    columns: list[Column] = []
+    cells: dict[tuple[str, Column], str] = {}
+    for d in entries:
+        name, column = f"{d['label']} − {d['baseline']}", (str(d["env"]), str(d["split"]))
+        rows += [name] if name not in rows else []
+        columns += [column] if column not in columns else []
+        cells[(name, column)] = _difference_cell(d)
+    return _table("difference", rows, columns, cells, empty=NOT_AVAILABLE)
+
+
+def report_markdown(summary: dict) -> str:
+    """The results table, the table of `summary["differences"]` and a note on what the intervals are."""
+    return "\n\n".join([results_table(summary), differences_table(summary.get("differences", [])), NOTE])
+
+
+def _table(corner: str, rows: list[str], columns: list[Column], cells: dict[tuple[str, Column], str],
+           empty: str = MISSING) -> str:
+    """A Markdown table: `corner` above the row names, env × split column titles, `empty` for gaps."""
     lines = [
-        "| " + " | ".join(["method"] + [_column_title(c) for c in columns]) + " |",
+        "| " + " | ".join([corner] + [column_title(c) for c in columns]) + " |",
         "|" + "---|" * (len(columns) + 1),
     ]
-    for label in labels:
-        row = [_cell(cells[(label, c)]) if (label, c) in cells else MISSING for c in columns]
-        lines.append("| " + " | ".join([label] + row) + " |")
+    for row in rows:
+        lines.append("| " + " | ".join([row] + [cells.get((row, c), empty) for c in columns]) + " |")
     return "\n".join(lines)
 
 
@@ -160,8 +283,9 @@ def _plot_dpo(ax: Any, records: list[dict], colors: dict[str, str]) -> None:
 
 
 def _plot_rewards(ax: Any, evaluations: list[dict]) -> None:
-    """Subplot 3: average reward × 100 per label, one bar per env × split within each label's group."""
-    ax.set_title("evaluation: average reward × 100")
+    """Subplot 3: average reward × 100 per label, one bar per env × split within each label's group, with
+    its 95% interval as an error bar where the summary has one."""
+    ax.set_title("evaluation: average reward × 100 (95% bootstrap CI)")
     labels, columns, cells = _collect(evaluations)
     if not labels:
         _no_data(ax)
@@ -172,7 +296,15 @@ def _plot_rewards(ax: Any, evaluations: list[dict]) -> None:
         present = [i for i, label in enumerate(labels) if (label, column) in cells]  # missing: no bar
         heights = [cells[(labels[i], column)]["average_reward_x100"] for i in present]
         xs = [i + offset for i in present]
-        ax.bar(xs, heights, width=width, label=_column_title(column))
+        ax.bar(xs, heights, width=width, label=column_title(column))
+        bars = [(x, h, _ci(cells[(labels[i], column)], "average_reward_x100"))
+                for x, h, i in zip(xs, heights, present, strict=True)]
+        bars = [(x, h, ci) for x, h, ci in bars if ci is not None]  # old summaries: no error bar
+        if bars:  # asymmetric: a bootstrap interval need not be centred on the mean
+            ax.errorbar([x for x, _, _ in bars], [h for _, h, _ in bars],
+                        yerr=[[max(0.0, h - ci[0]) for _, h, ci in bars],
+                              [max(0.0, ci[1] - h) for _, h, ci in bars]],
+                        fmt="none", ecolor="black", capsize=3, linewidth=1, zorder=3)  # above the bars
     ax.set_xticks(range(len(labels)), labels, fontsize="small")
     ax.legend(fontsize="small")
 

@@ -1,4 +1,5 @@
-"""Tests for fasteto.report: the exact results table, and PNGs from real, empty and truncated logs."""
+"""Tests for fasteto.report: the exact results and differences tables, and PNGs from real, empty and
+truncated logs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from fasteto.report import plot_run, read_metrics, results_table
+from fasteto.data.types import Trajectory
+from fasteto.report import (
+    NOTE,
+    differences,
+    differences_table,
+    plot_run,
+    read_metrics,
+    report_markdown,
+    results_table,
+    with_intervals,
+)
+from fasteto.rollout.explore import summarise
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,17 +53,91 @@ def _png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def test_results_table_exact():
-    # "base" has no ALFWorld unseen result: the cell must read "–"; 61.25 is an exact tie that
-    # Python rounds half-to-even (61.2); 2/3 success shows as 67%.
+def test_results_table_old_summary_says_n_a():
+    # A summary written before intervals were kept (no "ci95"): every interval reads "[n/a]". "base"
+    # has no ALFWorld unseen result: the cell must read "–"; 61.25 is an exact tie that Python rounds
+    # half-to-even (61.2); 2/3 success shows as 67%.
     expected = (
         "| method | SciWorld seen | ALFWorld unseen |\n"
         "|---|---|---|\n"
-        "| base | 3.8 (0%, n=5) | – |\n"
-        "| SFT | 61.2 (40%, n=5) | 66.7 (67%, n=3) |\n"
-        "| ETO iteration 1 | 73.8 (60%, n=5) | 100.0 (100%, n=3) |"
+        "| base | 3.8 [n/a] (0% [n/a], n=5) | – |\n"
+        "| SFT | 61.2 [n/a] (40% [n/a], n=5) | 66.7 [n/a] (67% [n/a], n=3) |\n"
+        "| ETO iteration 1 | 73.8 [n/a] (60% [n/a], n=5) | 100.0 [n/a] (100% [n/a], n=3) |"
     )
     assert results_table(SUMMARY) == expected
+    markdown = report_markdown(SUMMARY)  # no "differences" key either: said in words, no crash
+    assert markdown == "\n\n".join(
+        [expected, "No paired differences: fewer than two methods with per-task rewards.", NOTE])
+
+
+def test_results_table_with_intervals_and_no_tasks():
+    rows = [
+        {**_ev("SFT", "sciworld", "seen", 61.25, 0.4, 5),
+         "ci95": {"average_reward_x100": [48.24, 74.0], "success_rate": [0.2, 0.6]}},
+        {**_ev("SFT", "alfworld", "seen", 0.0, 0.0, 0), "rewards": {}, "ci95": None},
+    ]
+    assert results_table({"evaluations": rows}) == (
+        "| method | SciWorld seen | ALFWorld seen |\n"
+        "|---|---|---|\n"
+        "| SFT | 61.2 [48.2, 74.0] (40% [20, 60], n=5) | no tasks |"
+    )
+
+
+def test_row_from_summarise_keeps_rewards_in_task_order_and_intervals():
+    # As phases._evaluate builds a row: a crash (None) is scored 0.0; rewards keep task order.
+    trajs = [Trajectory(id=i, conversations=[], reward=r) for i, r in [(7, 1.0), (3, None), (5, 0.5)]]
+    result = summarise(trajs)
+    assert list(result.rewards.items()) == [("7", 1.0), ("3", 0.0), ("5", 0.5)]
+    with pytest.raises(ValueError, match="task '7' has two trajectories"):
+        summarise(trajs + trajs[:1])
+    # Two tasks, rewards 0 and 1: a resample mean is 0, 0.5 or 1 (chances 1/4, 1/2, 1/4), so the 2.5%
+    # and 97.5% quantiles of 10,000 resamples are the extremes.
+    row = with_intervals({"label": "x", "rewards": {"a": 1.0, "b": 0.0}})
+    assert row["ci95"] == {"average_reward_x100": [0.0, 100.0], "success_rate": [0.0, 1.0]}
+    one = with_intervals({"label": "x", "rewards": {"a": 0.5}})  # degenerate, exact
+    assert one["ci95"] == {"average_reward_x100": [50.0, 50.0], "success_rate": [0.0, 0.0]}
+    assert with_intervals({"label": "x", "rewards": {}})["ci95"] is None
+
+
+def _row(label: str, env: str, rewards: dict[str, float] | None) -> dict:
+    """A row as a run writes it; `rewards=None`: one from an old summary."""
+    values = list((rewards or {"t": 0.0}).values())
+    row = _ev(label, env, "seen", 100 * sum(values) / len(values),
+              sum(v == 1.0 for v in values) / len(values), len(values))
+    return row if rewards is None else with_intervals({**row, "rewards": rewards})
+
+
+def test_differences_consecutive_and_vs_first_exact():
+    # Hand-computed: per-task differences on tasks t1, t2 (reward x 100; success 0/1 per task).
+    #   SFT - base: reward (50, 50) -> +50 [50, 50]; success (0, 1) -> +0.5 [0, 1]
+    #   ETO - SFT:  reward (50, 0)  -> +25 [0, 50];  success (1, 0) -> +0.5 [0, 1]
+    #   ETO - base: reward (100, 50) -> +75 [50, 100]; success (1, 1) -> +1 [1, 1]
+    # With two tasks the 95% interval is the range of the two differences (see the test above).
+    evaluations = [
+        _row("base", "sciworld", {"t1": 0.0, "t2": 0.5}),
+        _row("SFT", "sciworld", {"t1": 0.5, "t2": 1.0}),
+        _row("ETO iteration 1", "sciworld", {"t1": 1.0, "t2": 1.0}),
+        _row("base", "alfworld", None),  # an old row: no difference with it
+        _row("SFT", "alfworld", {"g": 1.0}),
+    ]
+    entries = differences(evaluations)
+    assert [(d["label"], d["baseline"], d["env"]) for d in entries] == [
+        ("SFT", "base", "sciworld"), ("ETO iteration 1", "SFT", "sciworld"),
+        ("ETO iteration 1", "base", "sciworld")]
+    assert entries[1] == {
+        "label": "ETO iteration 1", "baseline": "SFT", "env": "sciworld", "split": "seen",
+        "n_paired": 2, "only_label": 0, "only_baseline": 0,
+        "average_reward_x100": {"mean": 25.0, "ci95": [0.0, 50.0]},
+        "success_rate": {"mean": 0.5, "ci95": [0.0, 1.0]},
+    }
+    assert differences_table(entries + [{**entries[0], "env": "alfworld", "n_paired": 0,
+                                         "only_label": 1, "only_baseline": 2}]) == (
+        "| difference | SciWorld seen | ALFWorld seen |\n"
+        "|---|---|---|\n"
+        "| SFT − base | +50.0 [50.0, 50.0] (+50 pp [0, 100], n=2) | no shared tasks (3 unpaired) |\n"
+        "| ETO iteration 1 − SFT | +25.0 [0.0, 50.0] (+50 pp [0, 100], n=2) | n/a |\n"
+        "| ETO iteration 1 − base | +75.0 [50.0, 100.0] (+100 pp [100, 100], n=2) | n/a |"
+    )
 
 
 def test_results_table_empty_and_duplicate():
@@ -104,7 +190,9 @@ def test_plot_run_writes_png(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     _write_metrics(metrics)
     out = tmp_path / "report" / "run.png"
-    assert plot_run(metrics, SUMMARY, out) == out
+    summary = {"evaluations": [*SUMMARY["evaluations"][:4], _row("ETO iteration 1", "sciworld",
+                                                               {"a": 1.0, "b": 0.25, "c": 0.5})]}
+    assert plot_run(metrics, summary, out) == out  # error bars where a row has an interval
     assert _png_size(out) == (800, 1100)
     assert out.stat().st_size > 20_000
     assert sorted(p.name for p in out.parent.iterdir()) == ["run.png"]  # no temp file left behind

@@ -74,6 +74,8 @@ def test_eto_run_writes_every_artefact_and_resumes(
         "1",
         "--explore.concurrency",
         "2",
+        "--dpo.max_prompt",  # the byte tokenizer spends a token per byte; prompts are never cut
+        "16384",
     ]
     forget_choices()  # earlier tests in this process made the same auto choices
     assert main(argv) == 0

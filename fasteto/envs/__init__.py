@@ -6,7 +6,7 @@ ALFWorld's games. Engines are imported lazily, so that a missing one only matter
 
 from __future__ import annotations
 
-from fasteto.envs.base import EnvCrashedError, EnvSetupError, Prompt, Step, TextEnv, parse_action
+from fasteto.envs.base import EnvCrashedError, EnvSetupError, Plan, Prompt, Step, TextEnv, parse_action
 
 ENV_NAMES = ("sciworld", "alfworld")
 
@@ -33,6 +33,7 @@ __all__ = [
     "ENV_NAMES",
     "EnvCrashedError",
     "EnvSetupError",
+    "Plan",
     "Prompt",
     "Step",
     "TextEnv",

@@ -13,13 +13,15 @@ import multiprocessing
 import os
 import random
 import re
+from collections.abc import Iterator
 from functools import cache, partial
 from pathlib import Path
 
-from fasteto.envs.base import EnvSetupError, TextEnv
+from fasteto.envs.base import EnvSetupError, Plan, TextEnv
 
 MAX_STEPS = 40
-EXPERTS = ("auto", "planner", "handcoded")
+EXPERTS = ("auto", "gt_traj", "handcoded", "planner")
+GT_TRAJ = "gt_traj.json"  # beside each train game: a searching expert trajectory that ships with ALFWorld
 EXPERT_TIMEOUT = 60.0  # seconds for one expert attempt
 EXPERT_TIMEOUT_STEPS = 150  # ALFWorld's own budget for its hand-coded expert
 SPLITS = {"train": "train", "valid_seen": "valid_seen", "seen": "valid_seen", "dev": "valid_seen",
@@ -93,6 +95,31 @@ def _with_timeout(fn, seconds: float):
     return value
 
 
+def read_gt_traj(path: Path) -> list[str]:
+    """The actions of a ``gt_traj.json``: a JSON list of ``{"from": "human"|"gpt", "value": str}``
+    alternating from the game's opening text (human), each gpt message one action. ValueError naming the
+    file when it is missing or not of that shape."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing (ALFWorld ships {GT_TRAJ} for train games only)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON list of {{\"from\", \"value\"}} messages")
+    for i, item in enumerate(data):
+        role = "human" if i % 2 == 0 else "gpt"
+        if not (isinstance(item, dict) and item.get("from") == role and isinstance(item.get("value"), str)):
+            raise ValueError(f"{path}: message {i} is {json.dumps(item)[:80]}; expected "
+                             f"{{\"from\": \"{role}\", \"value\": <text>}} (human and gpt alternate, "
+                             "starting with the game's opening text)")
+    actions = [item["value"].strip() for item in data[1::2]]
+    if not actions or not all(actions):
+        raise ValueError(f"{path}: {'an empty action' if actions else 'no actions'}; expected gpt "
+                         "messages that each hold one action")
+    return actions
+
+
 def clean_observation(text: str) -> str:
     return _ARRIVE.sub("", text.strip())
 
@@ -133,36 +160,50 @@ class AlfWorldEnv(TextEnv):
         raise ValueError(f"alfworld: unknown task id {task_id!r}: no {task_id}/game.tw-pddl under "
                          f"{self.data / 'json_2.1.1'}/{{train,valid_seen,valid_unseen}}")
 
-    def expert_actions(self, task_id: str) -> list[str]:
-        """A winning plan from ALFWorld's expert (``AlfredExpert``), of the type given at construction.
+    def expert_plans(self, task_id: str) -> Iterator[Plan]:
+        """ALFWorld's experts for ``task_id``, of the kind given at construction, in order of preference.
 
+        "gt_traj": the actions of the game's ``gt_traj.json`` (train games only), a trajectory that
+        searches the receptacles one by one until the object turns up.
+        "handcoded": ALFWorld's hand-coded expert (``AlfredExpert``), which searches too, choosing from
+        the observations (and the engine's facts about what it holds); it often gets lost, so each of 5
+        attempts seeds its random choices from the task id and the first within the step limit is used.
         "planner": the PDDL planner's plan, deterministic and shortest; it knows where every object is,
-        so it never searches. Fast Downward takes under 10 s on most games but minutes on some.
-        "handcoded": ALFWorld's scripted expert, which searches receptacles as an agent would but often
-        gets lost; each of 5 attempts seeds its random choices from the task id.
-        "auto" (default): the planner, and the hand-coded expert for games where the planner fails or
-        runs out of its ``expert_timeout`` seconds.
-        Raises ValueError with the reasons when no winning plan is found.
+        so it never searches. Fast Downward takes under 10 s on most games but minutes on some. Only
+        when asked for: an agent cannot learn to walk straight to a hidden object.
+        "auto" (default): gt_traj, then handcoded (asked only when gt_traj's replay does not win).
+        The searching experts must act on what the agent has seen: a replay whose step names an object
+        no observation showed yet (a few gt_traj files take from a receptacle the agent is not at) is
+        rejected, as ``Plan.require_seen`` says.
         """
-        reasons: list[str] = []
-        if self.expert in ("planner", "auto"):
+        if self.expert in ("gt_traj", "auto"):
+            try:
+                actions = read_gt_traj(self.game_file(task_id).parent / GT_TRAJ)
+                yield Plan("gt_traj", tuple(actions), require_seen=True)
+            except ValueError as exc:
+                yield Plan("gt_traj", error=str(exc))
+        if self.expert in ("handcoded", "auto"):
+            yield self._handcoded_plan(task_id)
+        if self.expert == "planner":
             try:
                 plan = partial(self._expert_attempt, task_id, "planner", None)
-                return _with_timeout(plan, self.expert_timeout)
+                yield Plan("planner", tuple(_with_timeout(plan, self.expert_timeout)))
             except ValueError as exc:
-                reasons.append(f"planner: {exc}")
-        if self.expert in ("handcoded", "auto"):
-            for attempt in range(5):
-                try:
-                    search = partial(self._expert_attempt, task_id, "handcoded", f"{task_id}#{attempt}")
-                    actions = _with_timeout(search, self.expert_timeout)
-                except ValueError as exc:
-                    reasons.append(f"hand-coded: {exc}")
-                    continue
-                if len(actions) <= MAX_STEPS:
-                    return actions
-                reasons.append(f"hand-coded: plan of {len(actions)} steps is over the {MAX_STEPS}-step limit")
-        raise ValueError("; ".join(dict.fromkeys(reasons)))
+                yield Plan("planner", error=str(exc))
+
+    def _handcoded_plan(self, task_id: str) -> Plan:
+        reasons: list[str] = []
+        for attempt in range(5):
+            try:
+                search = partial(self._expert_attempt, task_id, "handcoded", f"{task_id}#{attempt}")
+                actions = _with_timeout(search, self.expert_timeout)
+            except ValueError as exc:
+                reasons.append(str(exc))
+                continue
+            if len(actions) <= MAX_STEPS:
+                return Plan("handcoded", tuple(actions), require_seen=True)
+            reasons.append(f"plan of {len(actions)} steps is over the {MAX_STEPS}-step limit")
+        return Plan("handcoded", error=", ".join(dict.fromkeys(reasons)))
 
     def _expert_attempt(self, task_id: str, kind: str, seed: str | None) -> list[str]:
         import textworld

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 
@@ -61,6 +62,26 @@ class Step:
     won: bool
     action: str | None
     steps: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One expert solution of a task, before it is replayed.
+
+    ``source`` names where it came from ("gt_traj", "handcoded", "planner" for ALFWorld; "gold_short",
+    "gold" for ScienceWorld); a kept trajectory records it as ``extra["expert_source"]``. ``error`` says
+    why the source has no plan (then ``actions`` is empty). What the replay does about a step that names
+    something the agent has not seen yet (``fasteto.rollout.seen``): with ``look`` set, it first plays
+    that action (one that shows the agent its surroundings, such as "look around"), unless the step
+    before was that look already; with ``require_seen``, it rejects the plan if the step still names
+    something unseen.
+    """
+
+    source: str
+    actions: tuple[str, ...] = ()
+    error: str | None = None
+    look: str | None = None
+    require_seen: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,13 +228,20 @@ class TextEnv:
     def task_ids(self, split: str) -> list[str]:
         raise NotImplementedError
 
-    def expert_actions(self, task_id: str) -> list[str]:
-        """The engine's own solution of ``task_id``, as a list of actions."""
+    def expert_plans(self, task_id: str) -> Iterator[Plan]:
+        """Solutions to try, in order of preference; the expert replay keeps the first that wins. A
+        generator, so that a costly source is only asked when the ones before it did not win."""
         raise NotImplementedError
 
-    def expert_plans(self, task_id: str) -> list[list[str]]:
-        """Solutions to try in order of preference; the expert replay keeps the first that wins."""
-        return [self.expert_actions(task_id)]
+    def expert_actions(self, task_id: str) -> list[str]:
+        """The actions of the first plan that has any (not replayed); ValueError with every source's
+        reason when none has."""
+        reasons = []
+        for plan in self.expert_plans(task_id):
+            if plan.error is None and plan.actions:
+                return list(plan.actions)
+            reasons.append(f"{plan.source}: {plan.error or 'no actions'}")
+        raise ValueError("; ".join(reasons) or f"{self.name}: no expert plans for {task_id!r}")
 
     def record_extra(self, task_id: str) -> dict:
         """Keys an SFT record of this environment carries beside id and conversations."""

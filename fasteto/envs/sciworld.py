@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from functools import cache
 from importlib import resources
 
-from fasteto.envs.base import EngineCrashed, EnvSetupError, TextEnv
+from fasteto.envs.base import EngineCrashed, EnvSetupError, Plan, TextEnv
 
 SIMPLIFICATIONS = "easy"
+LOOK = "look around"  # shows the room: what the replay plays before a gold step that names the unseen
 DEFAULT_MAX_STEPS = 100  # ScienceWorld's own default step limit, for the task types ETO did not use
 
 # ETO numbers task types by the alphabetical order of its task names; it left out number 5.
@@ -114,17 +116,17 @@ class SciWorldEnv(TextEnv):
     def max_steps(self, task_id: str) -> int:
         return _max_steps_table().get(parse_task_id(task_id)[0], DEFAULT_MAX_STEPS)
 
-    def expert_actions(self, task_id: str) -> list[str]:
-        """ScienceWorld's gold action sequence for the task (``generateGoldPath``), shortened for the
-        "easy" setting by ``shorten_gold_path``."""
-        return self.expert_plans(task_id)[0]
-
-    def expert_plans(self, task_id: str) -> list[list[str]]:
-        """The shortened gold path, then the gold path as generated: on a few tasks (about 1%) skipping
-        the walk changes the outcome (time passes while walking), and only the full path wins."""
-        gold = self._with_recovery(lambda: self._gold(task_id))
-        short = shorten_gold_path(gold)
-        return [short, gold] if short != gold else [gold]
+    def expert_plans(self, task_id: str) -> Iterator[Plan]:
+        """ScienceWorld's gold action sequence for the task (``generateGoldPath``) shortened for the
+        "easy" setting by ``shorten_gold_path`` ("gold_short"), then the gold path as generated ("gold"):
+        on a few tasks (about 1%) skipping the walk changes the outcome (time passes while walking), and
+        only the full path wins. Gold paths act on things they have not looked at (a teleport, then
+        "focus on" an animal never seen); the replay plays "look around" before such a step."""
+        gold = tuple(self._with_recovery(lambda: self._gold(task_id)))
+        short = tuple(shorten_gold_path(list(gold)))
+        if short != gold:
+            yield Plan("gold_short", short, look=LOOK)
+        yield Plan("gold", gold, look=LOOK)
 
     def close(self) -> None:
         if self._sw is not None:

@@ -1,13 +1,15 @@
-"""Expert trajectories made offline from the environments' own solvers.
+"""Expert trajectories made offline from the environments' own solutions.
 
-ETO's expert set was written by GPT-4. Here each task's plan comes from its engine (ScienceWorld's gold
-path, ALFWorld's PDDL planner) and is replayed through the same ``TextEnv`` interface the agent uses, with
-a templated thought per action (``thoughts.py``), so a stored expert trajectory carries the real
-observations in exactly the agent's format. Only replays that reach reward 1.0 are kept.
+ETO's expert set was written by GPT-4. Here each task's plans come from its environment (ScienceWorld's
+gold path; ALFWorld's searching ``gt_traj.json`` or its hand-coded expert) and are replayed through the
+same ``TextEnv`` interface the agent uses, with a thought before each action made from what the agent
+has seen so far (``thoughts``), so a stored expert trajectory carries the real observations in exactly
+the agent's format. Only replays that reach reward 1.0 are kept; each records the plan's source as
+``extra["expert_source"]``.
 
 Each finished task is cached as one small JSON file, keyed by environment, split, task and a digest of
-everything that shapes the trajectory (prompt, thought templates, format). A rerun, or the training
-loop's first use, reads the cache and solves only what is missing; a kill loses nothing finished.
+everything that shapes the trajectory (prompt, thoughts, format). A rerun, or the training loop's first
+use, reads the cache and solves only what is missing; a kill loses nothing finished.
 """
 
 from __future__ import annotations
@@ -16,23 +18,29 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 
 from fasteto.data.formats import trajectory_from_record
 from fasteto.data.types import Trajectory
-from fasteto.envs import EnvCrashedError, TextEnv, env_class, make_env
+from fasteto.envs import EnvCrashedError, Plan, TextEnv, env_class, make_env
 from fasteto.envs.base import load_prompt
+from fasteto.rollout.seen import History, unseen_mentions
 from fasteto.rollout.thoughts import expert_reply
 from fasteto.utils.io import atomic_write_json
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"  # 3: thoughts from the history, ALFWorld's gt_traj first, expert_source recorded
+SOURCE_KEY = "expert_source"
+# Modules whose source shapes a stored trajectory's replies, hashed into the cache version.
+_SHAPING_SOURCES = ("rollout/thoughts.py", "rollout/thoughts_alfworld.py",
+                    "rollout/thoughts_sciworld.py", "rollout/seen.py")
 _NOT_SHAPING = ("data", "max_restarts")  # env options that do not change a solved trajectory
 POOL_ATTEMPTS = 3  # pools started per run when worker processes die
 
@@ -45,53 +53,77 @@ def default_cache_dir() -> Path:
 
 
 def cache_version(env_name: str, env_kwargs: dict | None = None) -> str:
-    """A digest of the inputs that shape a stored expert trajectory (format, instruction message, thought
-    templates, the choice of expert); a change makes a new cache. Neither the in-context example (not
-    stored in trajectories) nor the data folder is part of it. Options left out take the constructor's
-    defaults, so ``{}`` and ``{"expert": "auto"}`` share one cache."""
+    """A digest of the inputs that shape a stored expert trajectory (format, instruction message, the
+    thought and unseen-check code, the choice of expert); a change makes a new cache. Neither the
+    in-context example (not stored in trajectories) nor the data folder is part of it. Options left out
+    take the constructor's defaults, so ``{}`` and ``{"expert": "auto"}`` share one cache."""
     params = inspect.signature(env_class(env_name)).parameters
     options = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     options.update(env_kwargs or {})
     options = sorted((k, str(v)) for k, v in options.items() if k not in _NOT_SHAPING)
-    parts = [FORMAT_VERSION, str(options), load_prompt(env_name).instruction,
-             resources.files("fasteto").joinpath("rollout/thoughts.py").read_text()]
+    code = [resources.files("fasteto").joinpath(name).read_text() for name in _SHAPING_SOURCES]
+    parts = [FORMAT_VERSION, str(options), load_prompt(env_name).instruction, *code]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
 def solve(env: TextEnv, task_id: str) -> tuple[Trajectory | None, str | None]:
-    """Replay the engine's plans for ``task_id`` through ``env``, in the env's order of preference.
+    """Replay the env's plans for ``task_id`` through ``env``, in the env's order of preference.
 
-    Returns (trajectory, None) for the first plan whose replay reaches reward 1.0, else (None, reason)
-    with the reason of the first plan.
+    Returns (trajectory, None) for the first plan whose replay reaches reward 1.0, its source recorded
+    as ``extra["expert_source"]`` ("<source>+looks" when the replay added looks); else (None, reason)
+    with every replay's reason, "<source>: <why>" joined by "; ". A plan whose replay with added looks
+    does not win is replayed once more as it is.
     """
+    reasons = []
     try:
-        plans = env.expert_plans(task_id)
-    except ValueError as exc:
-        return None, f"no plan: {exc}"
-    first_reason = None
-    for actions in plans:
-        reason = _replay(env, task_id, actions)
-        if reason is None:  # the env holds the winning episode
-            return env.trajectory(extra=env.record_extra(task_id)), None
-        first_reason = first_reason or reason
-    return None, first_reason
+        for plan in env.expert_plans(task_id):
+            if plan.error is not None:
+                reasons.append(f"{plan.source}: no plan: {plan.error}")
+                continue
+            for attempt in (plan, replace(plan, look=None)):
+                reason, looks = _replay(env, task_id, attempt)
+                source = attempt.source + ("+looks" if looks else "")
+                if reason is None:  # the env holds the winning episode
+                    extra = {**env.record_extra(task_id), SOURCE_KEY: source}
+                    return env.trajectory(extra=extra), None
+                reasons.append(f"{source}: {reason}")
+                if not looks:
+                    break
+    except ValueError as exc:  # no plan can be made at all (an unknown task id, say)
+        reasons.append(f"no plan: {exc}")
+    return None, "; ".join(reasons) or "no plan: the environment offered none"
 
 
-def _replay(env: TextEnv, task_id: str, actions: list[str]) -> str | None:
-    """Play ``actions``; None when they win, else why not."""
-    if not actions:
-        return "no plan: the solver returned no actions"
-    env.reset(task_id)
-    for action in actions:
-        step = env.step(expert_reply(env.name, action))
+def _replay(env: TextEnv, task_id: str, plan: Plan) -> tuple[str | None, int]:
+    """Play ``plan``; returns (None when it wins, else why not; how many looks it added). Each reply's
+    thought sees only the history so far."""
+    if not plan.actions:
+        return "no plan: the solver returned no actions", 0
+    history, looks = History(env.reset(task_id)), 0
+    check = plan.look is not None or plan.require_seen
+    for action in plan.actions:
+        unseen = unseen_mentions(history, action) if check else []
+        if unseen and plan.look and action != plan.look and history.actions[-1:] != (plan.look,):
+            step = env.step(expert_reply(env.name, history, plan.look))
+            history, looks = history.then(plan.look, step.observation), looks + 1
+            if step.done:
+                break
+            unseen = unseen_mentions(history, action)
+        if unseen and plan.require_seen:
+            return (f"a step names something not yet seen (step {len(history.actions) + 1}, {action!r}: "
+                    f"{', '.join(unseen)})"), looks
+        step = env.step(expert_reply(env.name, history, action))
+        history = history.then(action, step.observation)
         if step.done:
             break
     if step.reward >= 1.0:
-        return None
+        return None, looks
     limit = env.max_steps(task_id)
-    if step.steps >= limit and len(actions) > limit:
-        return f"plan longer than the step limit ({len(actions)} > {limit})"
-    return f"replay ended below reward 1 ({step.reward:.2f})"
+    if step.steps >= limit and len(plan.actions) > limit:
+        return f"plan longer than the step limit ({len(plan.actions)} > {limit})", looks
+    if step.steps >= limit:
+        return f"plan with the added looks longer than the step limit ({len(plan.actions)} + {looks})", looks
+    return f"replay ended below reward 1 ({step.reward:.2f})", looks
 
 
 @dataclass
@@ -105,15 +137,31 @@ class ExpertReport:
     restarts: int = 0
 
     def drop_reasons(self) -> Counter:
-        """Reasons with their counts; the variable part after ':' is cut so that like counts with like."""
-        return Counter(reason.split(":")[0].split(" (")[0] for reason in self.dropped.values())
+        """Reasons with their counts. Each plan's part ("<source>: <why>") keeps its source and the head
+        of its why (cut at the next ':' and at ' ('), so that like counts with like."""
+        return Counter(_reason_kind(reason) for reason in self.dropped.values())
+
+    def sources(self) -> Counter:
+        """Kept trajectories per expert source (``extra["expert_source"]``)."""
+        return Counter(t.extra.get(SOURCE_KEY, "unknown") for t in self.trajectories)
 
     def summary(self) -> str:
         total = len(self.trajectories) + len(self.dropped)
         lines = [f"{len(self.trajectories)} of {total} tasks kept ({self.from_cache} from cache), "
                  f"{len(self.dropped)} dropped, {self.seconds:.0f} s, {self.restarts} engine restarts"]
+        lines += [f"  kept: {count} x {source}" for source, count in self.sources().most_common()]
         lines += [f"  dropped: {count} x {reason}" for reason, count in self.drop_reasons().most_common()]
         return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    parts = []
+    for part in reason.split("; "):
+        source = re.match(r"([\w+]+): ", part)
+        rest = part[source.end():] if source else part
+        head = rest.split(":")[0].split(" (")[0]
+        parts.append(f"{source[1]}: {head}" if source else head)
+    return "; ".join(parts)
 
 
 def make_experts(env_name: str, split: str, limit: int | None = None, workers: int | None = None,
@@ -144,7 +192,7 @@ def make_experts(env_name: str, split: str, limit: int | None = None, workers: i
     for tid in task_ids:
         record = records.get(tid)
         if record is None:
-            report.dropped[tid] = "engine crashed repeatedly (not cached; a rerun retries it)"
+            report.dropped[tid] = "engine crashed repeatedly (not cached, a rerun retries it)"
         elif record["trajectory"] is None:
             report.dropped[tid] = record["dropped"]
         else:

@@ -65,11 +65,16 @@ class ExploreReport:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """ETO's metrics: average reward x 100, and the fraction of tasks with reward 1.0, over ``n`` tasks."""
+    """ETO's metrics: average reward x 100, and the fraction of tasks with reward 1.0, over ``n`` tasks.
+
+    ``rewards`` maps each task id to the reward it was scored with (a crash as 0.0), in task order: what
+    confidence intervals and paired comparisons need. Equality compares the metrics only.
+    """
 
     average_reward_x100: float
     success_rate: float
     n: int
+    rewards: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -391,9 +396,16 @@ def evaluate(make_env: Callable[[], TextEnv], engine: PolicyEngine, task_ids: li
 
 def summarise(trajectories: list[Trajectory]) -> EvalResult:
     """ETO's metrics over ``trajectories``. Success is reward 1.0 (ALFWorld won, ScienceWorld score
-    100). A reward of None (the environment kept crashing) counts as 0: a failure, not a skipped task."""
-    rewards = [t.reward if t.reward is not None else 0.0 for t in trajectories]
+    100). A reward of None (the environment kept crashing) counts as 0: a failure, not a skipped task.
+    Each task is scored once: a task id that appears twice raises ValueError."""
+    by_task: dict[str, float] = {}
+    for t in trajectories:
+        if t.key in by_task:
+            raise ValueError(f"task {t.key!r} has two trajectories; an evaluation scores each task once")
+        by_task[t.key] = float(t.reward) if t.reward is not None else 0.0
+    rewards = list(by_task.values())
     if not rewards:
         return EvalResult(average_reward_x100=0.0, success_rate=0.0, n=0)
     return EvalResult(average_reward_x100=100.0 * sum(rewards) / len(rewards),
-                      success_rate=sum(r == 1.0 for r in rewards) / len(rewards), n=len(rewards))
+                      success_rate=sum(r == 1.0 for r in rewards) / len(rewards), n=len(rewards),
+                      rewards=by_task)

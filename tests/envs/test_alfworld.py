@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
-from fasteto.envs.base import INVALID_FORMAT, EnvSetupError
+from fasteto.envs.alfworld import read_gt_traj
+from fasteto.envs.base import INVALID_FORMAT, EnvSetupError, parse_action
 from fasteto.rollout.expert import solve
 
 pytestmark = pytest.mark.slow
 
-# Two task types whose planner solves quickly.
+# Three task types whose gt_traj.json wins (and whose planner solves quickly).
 GAMES = ["look_at_obj_in_light-AlarmClock-None-DeskLamp-302/trial_T20190908_192756_298295",
-         "pick_two_obj_and_place-AlarmClock-None-Desk-307/trial_T20190907_013752_725369"]
+         "pick_two_obj_and_place-AlarmClock-None-Desk-307/trial_T20190907_013752_725369",
+         "pick_clean_then_place_in_recep-Pan-None-CounterTop-22/trial_T20190910_161415_317849"]
 
 
 def test_splits_are_the_solvable_games(alfworld_env):
@@ -27,11 +32,14 @@ def test_unseen_split_matches_eto_list(alfworld_env):
 
 
 @pytest.mark.parametrize("task_id", GAMES)
-def test_expert_replays_to_a_win(alfworld_env, task_id):
+def test_default_expert_replays_gt_traj_to_a_win(alfworld_env, alfworld_data, task_id):
     trajectory, reason = solve(alfworld_env, task_id)
     assert reason is None and trajectory.reward == 1.0
-    assert trajectory.extra == {"game_file": f"json_2.1.1/train/{task_id}/game.tw-pddl"}
+    assert trajectory.extra == {"game_file": f"json_2.1.1/train/{task_id}/game.tw-pddl",
+                                "expert_source": "gt_traj"}
     conv = trajectory.conversations
+    shipped = read_gt_traj(alfworld_data / "json_2.1.1" / "train" / task_id / "gt_traj.json")
+    assert [parse_action(m["value"]) for m in conv[3::2]] == shipped
     assert conv[2]["value"].startswith("You are in the middle of a room.")
     assert "Your task is to:" in conv[2]["value"] and "Welcome" not in conv[2]["value"]
     assert conv[-1]["from"] == "gpt"
@@ -66,10 +74,68 @@ def test_unknown_game_is_named(alfworld_env):
 def test_expert_time_budget_is_enforced_and_reported(alfworld_data):
     from fasteto.envs.alfworld import AlfWorldEnv
 
-    with AlfWorldEnv(alfworld_data, expert="auto", expert_timeout=0.01) as env:
+    with AlfWorldEnv(alfworld_data, expert="planner", expert_timeout=0.01) as env:
         with pytest.raises(ValueError) as exc:
             env.expert_actions(GAMES[0])
-    assert str(exc.value) == "planner: no plan within 0 s; hand-coded: no plan within 0 s"
+        assert str(exc.value) == "planner: no plan within 0 s"
+    with AlfWorldEnv(alfworld_data, expert="handcoded", expert_timeout=0.01) as env:
+        assert solve(env, GAMES[0]) == (None, "handcoded: no plan: no plan within 0 s")
+
+
+def test_unknown_expert_kind_names_the_choices(alfworld_data):
+    from fasteto.envs.alfworld import AlfWorldEnv
+
+    choices = "choose one of auto, gt_traj, handcoded, planner"
+    with pytest.raises(ValueError, match=f"unknown expert 'oracle'; {choices}"):
+        AlfWorldEnv(alfworld_data, expert="oracle")
+
+
+def test_read_gt_traj_and_its_errors(tmp_path):
+    path = tmp_path / "gt_traj.json"
+    path.write_text(json.dumps([{"from": "human", "value": "-= Welcome =-\n\nroom"},
+                                {"from": "gpt", "value": "go to desk 1 "},
+                                {"from": "human", "value": "On the desk 1, you see nothing."},
+                                {"from": "gpt", "value": "open drawer 1"}]))
+    assert read_gt_traj(path) == ["go to desk 1", "open drawer 1"]
+    with pytest.raises(ValueError, match=f"^{tmp_path}/nope.json is missing"):
+        read_gt_traj(tmp_path / "nope.json")
+    for text, error in [
+        ("[{", "not valid JSON"),
+        ("{}", "expected a non-empty JSON list"),
+        ('[{"from": "gpt", "value": "go to desk 1"}]',
+         'message 0 is {"from": "gpt", "value": "go to desk 1"}; '
+         'expected {"from": "human", "value": <text>}'),
+        ('[{"from": "human", "value": "room"}]', "no actions"),
+        ('[{"from": "human", "value": "room"}, {"from": "gpt", "value": " "}]', "an empty action"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"^{path}: ") as exc:
+            read_gt_traj(path)
+        assert error in str(exc.value)
+
+
+def _one_game_folder(alfworld_data, tmp_path, task_id):
+    """A data folder holding one train game, without its gt_traj.json."""
+    game = tmp_path / "json_2.1.1" / "train" / task_id
+    game.mkdir(parents=True)
+    for name in ("game.tw-pddl", "traj_data.json"):
+        shutil.copy(alfworld_data / "json_2.1.1" / "train" / task_id / name, game / name)
+    return game
+
+
+def test_malformed_gt_traj_is_named_and_auto_falls_back_to_handcoded(alfworld_data, tmp_path):
+    from fasteto.envs.alfworld import AlfWorldEnv
+
+    game = _one_game_folder(alfworld_data, tmp_path, GAMES[0])
+    (game / "gt_traj.json").write_text('[{"from": "human"')
+    with AlfWorldEnv(tmp_path, expert="gt_traj") as env:
+        trajectory, reason = solve(env, GAMES[0])
+    assert trajectory is None
+    assert reason.startswith(f"gt_traj: no plan: {game / 'gt_traj.json'}: not valid JSON")
+    (game / "gt_traj.json").unlink()
+    with AlfWorldEnv(tmp_path) as env:
+        trajectory, reason = solve(env, GAMES[0])
+    assert reason is None and trajectory.extra["expert_source"] == "handcoded"
 
 
 def test_handcoded_expert_is_reproducible(alfworld_data):

@@ -6,7 +6,6 @@ import pytest
 
 from fasteto.envs.base import load_prompt, parse_action
 from fasteto.envs.sciworld import parse_task_id, shorten_gold_path, split_task_ids, task_id_of
-from fasteto.rollout.thoughts import expert_reply, thought_for
 
 
 @pytest.mark.parametrize(
@@ -60,15 +59,3 @@ def test_sciworld_task_ids_follow_eto():
             parse_task_id(bad)
     with pytest.raises(ValueError, match="unknown split 'valid'"):
         split_task_ids("valid")
-
-
-def test_expert_thoughts_are_templated_from_the_action():
-    assert thought_for("alfworld", "take apple 1 from fridge 1") == (
-        "The apple 1 is what I need; I will take it from the fridge 1.")
-    assert thought_for("sciworld", "teleport to kitchen") == (
-        "I need to be in the kitchen next, so I will go there.")
-    assert thought_for("sciworld", "dunk x in y") == "The next step is to dunk x in y."
-    reply = expert_reply("sciworld", "focus on red box")
-    assert reply == ("Thought: The red box is what the task is about, so I will focus on it.\n"
-                     "Action: focus on red box")
-    assert parse_action(reply) == "focus on red box"

@@ -14,8 +14,8 @@ from fasteto.data.formats import read_jsonl_tolerant, read_trajectories
 from fasteto.data.types import GPT, HUMAN, Message, Trajectory
 from fasteto.envs.base import ACK, INVALID_FORMAT, EngineCrashed, TextEnv, load_prompt
 from fasteto.rollout.engine import GenerationConfig, TransformersEngine
+from fasteto.rollout.expert import solve
 from fasteto.rollout.explore import EvalResult, evaluate, explore, summarise
-from fasteto.rollout.thoughts import expert_reply
 
 CONTEXT_LEN = len(load_prompt("sciworld").context(""))  # messages the engine reads before the episode
 
@@ -189,8 +189,8 @@ def expert_plans(sciworld_env) -> dict[str, list[str]]:
     """Task message -> the expert's replies, for TASKS."""
     plans = {}
     for task_id in TASKS:
-        replies = [expert_reply("sciworld", a) for a in sciworld_env.expert_actions(task_id)]
-        plans[sciworld_env.reset(task_id)] = replies
+        trajectory, _ = solve(sciworld_env, task_id)
+        plans[trajectory.conversations[2]["value"]] = [m["value"] for m in trajectory.conversations[3::2]]
     return plans
 
 
