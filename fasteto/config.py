@@ -191,6 +191,9 @@ class EnvsConfig:
     alfworld_data: str | None = _help("ALFWorld's data folder (default: $ALFWORLD_DATA)", None)
     train_tasks: int | None = _help("training tasks per environment, a seeded sample (none: all)", 4)
     test_tasks: int | None = _help("tasks per test split, a seeded sample (none: all)", 2)
+    explore_tasks: int | None = _help(
+        "training tasks explored per iteration and environment, a sample drawn anew each iteration "
+        "(none: all of them, as ETO); SFT still uses every training task's expert", None)
     splits: list[str] = _help("test splits", factory=lambda: ["seen", "unseen"])
     train_ids: list[str] = _help("exact training task ids instead of a sample (any environment)",
                                  factory=list)
@@ -305,6 +308,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft": {"epochs": 2, "global_batch": 4, "max_length": 2048},
         "dpo": {"epochs": 1, "global_batch": 2, "lr": [5e-6], "max_target": 1536},
         "explore": {"max_new_tokens": 48, "concurrency": 8, "max_context": 3072, "max_steps": 15},
+    },
+    # A run meant to move the numbers on 2 CPU cores (issue 11), sized from measured rates: ~1 env step/s
+    # with 8 episodes in flight, ~200 SFT tokens/s for SmolLM2-135M, ~6 s per ALFWorld expert task.
+    # 128 training tasks per environment (over half of ALFWorld's 240 games; ~300k expert tokens),
+    # 64 of them explored per iteration, 20 tasks per test split. Replies up to 80 tokens: the experts'
+    # are 27-33 tokens at the median, 68 at most. Projected ~2.6 h; a full run is not yet measured.
+    "small": {
+        "envs": {"train_tasks": 128, "test_tasks": 20, "explore_tasks": 64},
+        "sft": {"epochs": 2, "global_batch": 8, "lr": 5e-4, "max_length": 3072},
+        "dpo": {"epochs": 1, "global_batch": 8, "lr": [5e-6], "max_target": 1536},
+        "explore": {"max_new_tokens": 80, "concurrency": 8, "max_context": 4096, "max_steps": 15},
     },
     # The paper: full splits, its hyperparameters, three iterations; for GPU nodes.
     "paper": {"iterations": 3, "envs": {"train_tasks": None, "test_tasks": None}},

@@ -46,6 +46,9 @@ class EtoLoop:
 
         self.envs = self._choose_envs()
         e = self.cfg.envs
+        for name in ("train_tasks", "test_tasks", "explore_tasks"):
+            if (n := getattr(e, name)) is not None and n < 1:
+                raise ValueError(f"envs.{name}: {n} tasks; give 1 or more, or none for all of them")
         split_ids = {env: self._split_ids(env) for env in self.envs}
         for name, given in (("envs.train_ids", e.train_ids), ("envs.test_ids", e.test_ids)):
             splits = ["train"] if name == "envs.train_ids" else e.splits
@@ -223,7 +226,7 @@ class EtoLoop:
             seed=self.cfg.seed,
         )
         samples = self.cfg.explore.samples if self_play else 1
-        jobs = [ExploreJob(self._env_factory(env), self.tasks[env]["train"],
+        jobs = [ExploreJob(self._env_factory(env), self.explore_ids(env, k),
                            self.run_folder.file(f"iter-{k}", f"explored_{env}.jsonl"), samples,
                            self.cfg.explore.max_steps)
                 for env in self.envs]
@@ -235,6 +238,13 @@ class EtoLoop:
             write_trajectories(path, report.trajectories, "explored")
             files[env] = str(path)
         return files
+
+    def explore_ids(self, env: str, k: int) -> list[str]:
+        """The training tasks iteration ``k`` explores in ``env``: all, or a sample seeded by the run's
+        seed and ``k`` (so each iteration sees other tasks, and a resumed run the same ones)."""
+        from fasteto.train import sample
+
+        return sample(self.tasks[env]["train"], self.cfg.envs.explore_tasks, self.cfg.seed * 1000 + k)
 
     def _pairs(self, k: int, experts: dict[str, str], explored: dict[str, str]) -> dict[str, Any]:
         out = {}

@@ -26,6 +26,14 @@ def test_presets_files_and_flags_compose(tmp_path):
         parse_config(["--mode", "ppo"])
 
 
+def test_small_preset_is_the_sized_run():
+    cfg = parse_config(["--preset", "small"])
+    assert (cfg.envs.train_tasks, cfg.envs.explore_tasks, cfg.envs.test_tasks) == (128, 64, 20)
+    assert (cfg.sft.epochs, cfg.sft.global_batch, cfg.iterations) == (2, 8, 1)
+    assert cfg.sft.lr > 2e-5  # a 135M model wants more than the 7B model's ETO rate (measured)
+    assert cfg.explore.max_new_tokens >= 68  # the longest expert reply, in SmolLM2 tokens
+
+
 def test_task_sample_is_seeded_and_in_split_order():
     ids = [str(i) for i in range(10)]
     assert sample(ids, 3, seed=0) == sample(ids, 3, seed=0) and len(sample(ids, 3, seed=0)) == 3
@@ -196,3 +204,25 @@ def test_explore_dtype_with_an_engine_that_has_none_is_refused_before_work(tmp_p
     assert main(argv) == 2
     assert "explore.dtype bfloat16: only the continuous engine" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_explore_tasks_samples_the_training_tasks_per_iteration():
+    from fasteto.phases import EtoLoop
+
+    ids = [str(i) for i in range(10)]
+    loop = EtoLoop(parse_config(["--envs.explore_tasks", "3", "--seed", "1"]))
+    loop.tasks = {"sciworld": {"train": ids}}
+    first, second = loop.explore_ids("sciworld", 1), loop.explore_ids("sciworld", 2)
+    assert first == sample(ids, 3, 1001) and second == sample(ids, 3, 1002) and len(first) == 3
+    assert first == loop.explore_ids("sciworld", 1)  # a resumed run explores the same tasks
+    loop.cfg.envs.explore_tasks = None
+    assert loop.explore_ids("sciworld", 1) == ids  # ETO's way: every training task
+
+
+@pytest.mark.parametrize("option", ["train_tasks", "test_tasks", "explore_tasks"])
+def test_task_counts_below_one_are_refused(option):
+    from fasteto.phases import EtoLoop
+
+    loop = EtoLoop(parse_config(["--envs.names", "sciworld", f"--envs.{option}", "0"]))
+    with pytest.raises(ValueError, match=f"envs.{option}: 0 tasks"):
+        loop.prepare()
