@@ -311,13 +311,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # A run meant to move the numbers on 2 CPU cores (issue 11), sized from measured rates: ~1 env step/s
     # with 8 episodes in flight, ~200 SFT tokens/s for SmolLM2-135M, ~6 s per ALFWorld expert task.
-    # 128 training tasks per environment (over half of ALFWorld's 240 games; ~300k expert tokens),
-    # 64 of them explored per iteration, 20 tasks per test split. Replies up to 80 tokens: the experts'
-    # are 27-33 tokens at the median, 68 at most. Projected ~2.6 h; a full run is not yet measured.
+    # 64 training tasks per environment (~150k expert tokens), 32 of them explored per iteration, 12 tasks
+    # per test split; DPO's LR keeps ETO's SFT:DPO ratio (2e-5 : 1e-6) at our measured SFT LR. Replies up
+    # to 80 tokens: the experts' are 27-33 tokens at the median, 68 at most. Projected ~1.8 h.
     "small": {
-        "envs": {"train_tasks": 128, "test_tasks": 20, "explore_tasks": 64},
+        "envs": {"train_tasks": 64, "test_tasks": 12, "explore_tasks": 32},
         "sft": {"epochs": 2, "global_batch": 8, "lr": 5e-4, "max_length": 3072},
-        "dpo": {"epochs": 1, "global_batch": 8, "lr": [5e-6], "max_target": 1536},
+        "dpo": {"epochs": 1, "global_batch": 4, "lr": [2.5e-5], "max_target": 1536},
         "explore": {"max_new_tokens": 80, "concurrency": 8, "max_context": 4096, "max_steps": 15},
     },
     # The paper: full splits, its hyperparameters, three iterations; for GPU nodes.
