@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from fasteto.report import NOTE, column_title, difference, differences_table, results_table
+from fasteto.report import NOTE, column_title, difference, differences_table, pooled, results_table
 
 REQUIRED = ("label", "env", "split", "average_reward_x100", "success_rate", "n")
 Pairs = list[tuple[tuple[str, str], tuple[str, str]]]  # ((run, label), (baseline run, baseline label))
@@ -84,9 +84,10 @@ def default_pairs(runs: dict[str, dict]) -> Pairs:
 
 
 def _rows(runs: dict[str, dict]) -> list[dict]:
-    """Every run's rows, each labelled `"run: label"` so one table can hold them all."""
-    return [{**row, "label": f"{name}: {row['label']}"}
-            for name, summary in runs.items() for row in summary["evaluations"]]
+    """Every run's rows and its pooled rows (recomputed, see `fasteto.report.pooled`), each labelled
+    `"run: label"` so one table can hold them all."""
+    return [{**row, "label": f"{name}: {row['label']}"} for name, summary in runs.items()
+            for row in summary["evaluations"] + pooled(summary["evaluations"])]
 
 
 def _pairing_lines(entries: list[dict]) -> list[str]:

@@ -319,7 +319,7 @@ class EtoLoop:
         return self._save(model, f"dpo-{k}")
 
     def _finish(self) -> None:
-        from fasteto.report import INTERVALS, differences, plot_run, read_metrics, report_markdown
+        from fasteto.report import INTERVALS, differences, plot_run, pooled, read_metrics, report_markdown
         from fasteto.utils.io import atomic_write_json
 
         metrics = read_metrics(self.run_folder.path / "metrics.jsonl")
@@ -328,8 +328,10 @@ class EtoLoop:
             "envs": self.envs,
             "tasks": {e: {s: len(ids) for s, ids in splits.items()} for e, splits in self.tasks.items()},
             "evaluations": self.evaluations,
+            # Each method's tasks pooled per environment and over all environments (tighter intervals).
+            "pooled": (pooled_rows := pooled(self.evaluations)),
             # Each method minus the previous one and minus the first, paired on the same tasks.
-            "differences": differences(self.evaluations),
+            "differences": differences(self.evaluations + pooled_rows),
             "intervals": INTERVALS,
             # Wall time of each phase as it ran (a resumed phase keeps its first, finished run's time).
             "phase_seconds": {r["phase"]: r["phase_seconds"] for r in metrics if "phase_seconds" in r},

@@ -81,6 +81,37 @@ def with_intervals(row: dict) -> dict:
     return {**row, "ci95": ci}
 
 
+def _pooled_row(label: str, env: str, split: str, rows: list[dict]) -> dict:
+    """One row over the tasks of ``rows``, their task ids made ``env/split/task`` so they stay distinct."""
+    rewards = {f"{r['env']}/{r['split']}/{task}": float(v) for r in rows for task, v in r["rewards"].items()}
+    values = list(rewards.values())
+    return with_intervals({"label": label, "env": env, "split": split, "n": len(values),
+                           "average_reward_x100": 100.0 * sum(values) / len(values) if values else 0.0,
+                           "success_rate": sum(v == 1.0 for v in values) / len(values) if values else 0.0,
+                           "rewards": rewards})
+
+
+def pooled(evaluations: list[dict]) -> list[dict]:
+    """Rows pooling each label's tasks, for tighter intervals than one split gives: per environment over
+    its splits (split ``"all"``, when it has two or more), and over every environment (env ``"all"``, split
+    ``"tasks"``, when there are two or more). Every task weighs the same. Labels with a row lacking
+    per-task rewards (an old summary) are left out. Rows as in `with_intervals`, in label order."""
+    labels, columns, cells = _collect(evaluations)
+    envs = list(dict.fromkeys(env for env, _ in columns))
+    out = []
+    for label in labels:
+        mine = [cells[(label, c)] for c in columns if (label, c) in cells]
+        if not mine or any("rewards" not in r for r in mine):
+            continue
+        for env in envs:
+            rows = [r for r in mine if r["env"] == env]
+            if len(rows) >= 2:
+                out.append(_pooled_row(label, env, "all", rows))
+        if len({r["env"] for r in mine}) >= 2:
+            out.append(_pooled_row(label, "all", "tasks", mine))
+    return out
+
+
 def difference(row: dict, baseline: dict) -> dict | None:
     """`row` − `baseline`, paired on the tasks both have, for both metrics; None when either row has no
     per-task rewards (an old summary). Labels, env and split are the rows' own.
@@ -140,13 +171,14 @@ def _cell(ev: dict) -> str:
 
 
 def results_table(summary: dict, corner: str = "method") -> str:
-    """Render `summary["evaluations"]` as a Markdown table, one row per label, one column per env × split.
+    """Render `summary["evaluations"]` (then `summary["pooled"]`, see `pooled`) as a Markdown table, one
+    row per label, one column per env × split.
 
     Each evaluation is `{"label", "env", "split", "average_reward_x100", "success_rate" (0..1), "n"}`,
     optionally with `"ci95"` (see `with_intervals`). Rows and columns keep their first-appearance order;
     a label never evaluated on a column shows `–`; `corner` heads the labels. No trailing newline.
     """
-    labels, columns, cells = _collect(summary.get("evaluations", []))
+    labels, columns, cells = _collect(summary.get("evaluations", []) + summary.get("pooled", []))
     return _table(corner, labels, columns, {key: _cell(ev) for key, ev in cells.items()})
 
 
@@ -328,7 +360,7 @@ def plot_run(metrics_path: Path, summary: dict, out_png: Path) -> Path:
         colors = _phase_colors(records)
         _plot_losses(axes[0], records, colors)
         _plot_dpo(axes[1], records, colors)
-        _plot_rewards(axes[2], summary.get("evaluations", []))
+        _plot_rewards(axes[2], summary.get("evaluations", []) + summary.get("pooled", []))
         fig.tight_layout()
         out_png.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".tmp", dir=out_png.parent)

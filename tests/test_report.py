@@ -14,6 +14,7 @@ from fasteto.report import (
     differences,
     differences_table,
     plot_run,
+    pooled,
     read_metrics,
     report_markdown,
     results_table,
@@ -138,6 +139,33 @@ def test_differences_consecutive_and_vs_first_exact():
         "| ETO iteration 1 − SFT | +25.0 [0.0, 50.0] (+50 pp [0, 100], n=2) | n/a |\n"
         "| ETO iteration 1 − base | +75.0 [50.0, 100.0] (+100 pp [100, 100], n=2) | n/a |"
     )
+
+
+def test_pooled_rows_per_env_and_overall_exact():
+    # base: sciworld seen t1 0.5, unseen t1 1.0 (same id, other split); alfworld seen g 0.0.
+    # Pooled sciworld: 2 tasks, mean 75, success 1/2; all tasks: 3 tasks, mean 50, success 1/3.
+    # alfworld has one split: no pooled row of its own. "old" lacks rewards: no pooled rows.
+    def row(label, env, split, rewards):
+        return {**_row(label, env, rewards), "split": split}
+
+    evaluations = [row("base", "sciworld", "seen", {"t1": 0.5}),
+                   row("base", "sciworld", "unseen", {"t1": 1.0}),
+                   row("base", "alfworld", "seen", {"g": 0.0}), _row("old", "sciworld", None)]
+    rows = pooled(evaluations)
+    assert [(r["label"], r["env"], r["split"], r["n"]) for r in rows] == [
+        ("base", "sciworld", "all", 2), ("base", "all", "tasks", 3)]
+    assert rows[0]["rewards"] == {"sciworld/seen/t1": 0.5, "sciworld/unseen/t1": 1.0}
+    assert (rows[0]["average_reward_x100"], rows[0]["success_rate"]) == (75.0, 0.5)
+    assert (rows[1]["average_reward_x100"], rows[1]["success_rate"]) == (50.0, 1 / 3)
+    assert rows[1]["ci95"]["average_reward_x100"][0] >= 0.0 and rows[1]["ci95"]["success_rate"][1] <= 1.0
+    table = results_table({"evaluations": evaluations[:3], "pooled": rows})
+    assert table.splitlines()[0] == ("| method | SciWorld seen | SciWorld unseen | ALFWorld seen "
+                                     "| SciWorld all | all tasks |")
+    # Differences pair pooled rows on the prefixed task ids.
+    later = [row("SFT", "sciworld", "seen", {"t1": 1.0}), row("SFT", "sciworld", "unseen", {"t1": 1.0})]
+    diffs = differences(evaluations[:2] + later + pooled(evaluations[:2] + later))
+    pooled_diff = [d for d in diffs if d["split"] == "all"]
+    assert [(d["n_paired"], d["average_reward_x100"]["mean"]) for d in pooled_diff] == [(2, 25.0)]
 
 
 def test_results_table_empty_and_duplicate():

@@ -128,6 +128,10 @@ def test_eto_run_writes_every_artefact_and_resumes(
         ("base", "sciworld", "unseen"),
     ]
     assert len(summary["evaluations"]) == 3 * 2 * 2 and "ETO iteration 1" in out
+    # per label: each env's splits pooled, then all tasks; each pooled row has its paired differences
+    assert [(r["env"], r["split"], r["n"]) for r in summary["pooled"][:3]] == [
+        ("sciworld", "all", 2), ("alfworld", "all", 2), ("all", "tasks", 4)]
+    assert sum(d["split"] == "tasks" for d in summary["differences"]) == 3 and "| all tasks |" in out
     # auto choices are recorded per phase and printed: the SFT phase ran the fast trainer's backends
     sft_choices = summary["auto_choices"]["sft"]
     assert sft_choices["tree_attention impl (cpu)"]["chosen"] == "varlen_eager"
