@@ -315,7 +315,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # per test split; DPO's LR keeps ETO's SFT:DPO ratio (2e-5 : 1e-6) at our measured SFT LR. Replies up
     # to 80 tokens: the experts' are 27-33 tokens at the median, 68 at most. Measured: 1 h 54 min (README).
     "small": {
-        "envs": {"train_tasks": 64, "test_tasks": 12, "explore_tasks": 32},
+        # Both environments by name: missing ALFWorld data stops the run with the fix, not a quiet skip.
+        "envs": {"names": ["sciworld", "alfworld"], "train_tasks": 64, "test_tasks": 12, "explore_tasks": 32},
         "sft": {"epochs": 2, "global_batch": 8, "lr": 5e-4, "max_length": 3072},
         "dpo": {"epochs": 1, "global_batch": 4, "lr": [2.5e-5], "max_target": 1536},
         "explore": {"max_new_tokens": 80, "concurrency": 8, "max_context": 4096, "max_steps": 15},

@@ -29,6 +29,7 @@ def test_presets_files_and_flags_compose(tmp_path):
 def test_small_preset_is_the_sized_run():
     cfg = parse_config(["--preset", "small"])
     assert (cfg.envs.train_tasks, cfg.envs.explore_tasks, cfg.envs.test_tasks) == (64, 32, 12)
+    assert cfg.envs.names == ["sciworld", "alfworld"]  # no quiet skip of ALFWorld
     assert (cfg.sft.epochs, cfg.sft.global_batch, cfg.iterations) == (2, 8, 1)
     assert cfg.sft.lr > 2e-5  # a 135M model wants more than the 7B model's ETO rate (measured)
     assert cfg.explore.max_new_tokens >= 68  # the longest expert reply, in SmolLM2 tokens
