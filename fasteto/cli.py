@@ -1,9 +1,10 @@
 """The `fasteto` command: check the environments, make expert trajectories, build DPO pairs and RFT sets,
-compare the results of runs."""
+compare the results of runs, branch a run folder."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from fasteto.envs.base import EnvSetupError
@@ -73,6 +74,26 @@ def _compare(args: argparse.Namespace) -> int:
     print(text)
     if args.output:
         atomic_write_text(args.output, text + "\n")
+    return 0
+
+
+def _branch(args: argparse.Namespace) -> int:
+    from fasteto.branch import branch
+
+    changes = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: write OPTION=VALUE, e.g. dpo.lr=[5e-6]")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value  # a bare string, e.g. mode=rft
+    kept = branch(args.src, args.dst, args.keep_through, changes)
+    flags = " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in changes.items())
+    print(f"{args.dst}: phases {', '.join(kept)} kept from {args.src}; resume it with "
+          f"`python -m fasteto.train --run_dir {args.dst} <{args.src}'s options> {flags}`")
     return 0
 
 
@@ -152,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
                               '(RUN: a folder as given, or its last name)')
     compare.add_argument("-o", "--output", help="also write the Markdown to this file")
     compare.set_defaults(func=_compare)
+
+    fork = sub.add_parser("branch", help="a new run folder reusing a run's first phases, with later options "
+                                         "changed (e.g. another DPO LR on the same SFT model and pairs)")
+    fork.add_argument("src", help="the finished (or partly finished) run folder")
+    fork.add_argument("dst", help="the new run folder (must not exist)")
+    fork.add_argument("--keep-through", required=True, metavar="PHASE",
+                      help="the last phase to keep, e.g. pairs-1 (see the source's state.json)")
+    fork.add_argument("--set", action="append", metavar="OPTION=VALUE",
+                      help="a changed option, VALUE as JSON where it parses: dpo.lr=[5e-6], mode=rft")
+    fork.set_defaults(func=_branch)
     return parser
 
 
