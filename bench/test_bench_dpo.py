@@ -359,8 +359,9 @@ def test_dpo_step_bf16_autocast_cpu(bench_report) -> None:
     """fasteto's fast trainer in fp32 vs bf16 autocast (``bf16=True``) on the CPU, SmolLM2 on 4 ALFWorld
     pairs: what CPU bf16 autocast (``TrainConfig(bf16=True)``; the train CLI keeps ``"auto"``, CUDA only)
     would buy on this machine (an SFT step runs the same forward and backward, one sequence per example).
-    Contenders alternate, ``BF16_REPEATS`` times each; the row records each run's median step, the ratio of the medians over runs, its range over
-    the repeat pairs, and how far bf16's per-step losses are from fp32's (not asserted: bf16 rounds)."""
+    Contenders alternate, ``BF16_REPEATS`` times each; the row records each run's median step, the
+    ratio of the medians over runs, its range over the repeat pairs, and how far bf16's per-step losses
+    are from fp32's (not asserted: bf16 rounds)."""
     case = BF16_CASE
     threads = int(os.environ.get("FASTETO_BENCH_THREADS", torch.get_num_threads()))
     torch.set_num_threads(threads)
