@@ -87,6 +87,7 @@ from _pairs import default_tokenizer, untruncated_pairs
 from fasteto.config import DPOConfig as FastetoDPOConfig
 from fasteto.data.chat import to_chat
 from fasteto.data.tokenized import TokenizedPair
+from fasteto.rollout.continuous import cpu_has_bf16
 from fasteto.trainer import TrainConfig, train_dpo
 from fasteto.trainer.logprobs import reference_logps
 
@@ -385,7 +386,7 @@ def test_dpo_step_bf16_autocast_cpu(bench_report) -> None:
                    for a, b in zip(r32["losses"], r16["losses"], strict=True))
     row = record_result(RESULTS, {
         "bench": "dpo_step_bf16", "case": case.id, "model": case.model, "device": device_description("cpu"),
-        "cpu_bf16": _cpu_bf16(), "torch_threads": threads, "pairs_per_step": case.pairs,
+        "cpu_bf16": cpu_has_bf16(), "torch_threads": threads, "pairs_per_step": case.pairs,
         "timed_steps": case.timed, "repeats": BF16_REPEATS,
         "real_tokens_per_step": sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
                                     for t in tokens),
@@ -396,18 +397,9 @@ def test_dpo_step_bf16_autocast_cpu(bench_report) -> None:
         "bf16_losses": [r["losses"] for r in runs["bf16"]],
     })
     bench_report.lines.append(
-        f"dpo bf16 autocast vs fp32, {case.id} ({row['device']}, {row['cpu_bf16']}): "
+        f"dpo bf16 autocast vs fp32, {case.id} ({row['device']}, native bf16: {row['cpu_bf16']}): "
         f"fp32 step {statistics.median(medians['fp32']):.2f} s, "
         f"bf16 {statistics.median(medians['bf16']):.2f} s,"
         f" speed-up {row['speedup_bf16_over_fp32']:.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] over "
         f"{BF16_REPEATS} alternating repeats; losses differ by up to {loss_gap:.2e}")
 
-
-def _cpu_bf16() -> str:
-    """What the CPU offers for bf16 matrix work, from /proc/cpuinfo's flags (Linux; "unknown" elsewhere)."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    have = [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    return "+".join(have) if have else "no bf16 instructions"

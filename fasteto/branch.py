@@ -22,7 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fasteto.utils.io import atomic_write_json
+from fasteto.report import read_metrics
+from fasteto.utils.io import atomic_write_json, atomic_write_text
 
 # Option groups each phase reads; a kept phase's groups may not change.
 PHASE_OPTIONS = {"experts": ("model", "envs", "seed"), "eval": ("model", "envs", "explore"),
@@ -60,6 +61,18 @@ def _check_changes(kept: list[str], changes: dict[str, Any], config: dict) -> No
         if group in frozen:
             raise BranchError(f"option {dotted!r} changes what the kept phase {frozen[group]!r} made; keep "
                               "fewer phases (--keep-through an earlier one)")
+
+
+def _moved(value: Any, old: str, new: str) -> Any:
+    """``value`` (a phase's state: paths, or lists and dicts holding them) with paths under ``old``
+    rewritten under ``new``; everything else as it is."""
+    if isinstance(value, str) and Path(value).is_relative_to(old):
+        return str(Path(new) / Path(value).relative_to(old))
+    if isinstance(value, list):
+        return [_moved(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _moved(v, old, new) for k, v in value.items()}
+    return value
 
 
 def _dropped_paths(dst: Path, dropped: list[str]) -> list[Path]:
@@ -108,14 +121,11 @@ def branch(src: str | Path, dst: str | Path, keep_through: str, changes: dict[st
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    text = json.dumps({"done": {k: state["done"][k] for k in kept}})
-    atomic_write_json(tmp / "state.json", json.loads(text.replace(json.dumps(str(src) + "/")[1:-1],
-                                                                   json.dumps(str(dst) + "/")[1:-1])))
-    metrics = tmp / "metrics.jsonl"
-    if metrics.exists():
-        lines = [line for line in metrics.read_text().splitlines()
-                 if line.strip() and json.loads(line).get("phase") not in dropped]
-        metrics.write_text("".join(line + "\n" for line in lines))
+    # The run wrote its paths under its config's run_dir; the branch's point into the branch.
+    done_kept = {k: _moved(state["done"][k], str(config["run_dir"]), str(dst)) for k in kept}
+    atomic_write_json(tmp / "state.json", {**state, "done": done_kept})
+    records = [r for r in read_metrics(tmp / "metrics.jsonl") if r.get("phase") not in dropped]
+    atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     atomic_write_json(tmp / "config.json", new_config)
     atomic_write_json(tmp / "branch.json", {"from": str(src), "kept": kept, "dropped": dropped,
                                             "changes": changes})

@@ -323,13 +323,14 @@ class EtoLoop:
         from fasteto.utils.io import atomic_write_json
 
         metrics = read_metrics(self.run_folder.path / "metrics.jsonl")
+        pooled_rows = pooled(self.evaluations)
         summary = {
             "config": self.run_folder.config,
             "envs": self.envs,
             "tasks": {e: {s: len(ids) for s, ids in splits.items()} for e, splits in self.tasks.items()},
             "evaluations": self.evaluations,
             # Each method's tasks pooled per environment and over all environments (tighter intervals).
-            "pooled": (pooled_rows := pooled(self.evaluations)),
+            "pooled": pooled_rows,
             # Each method minus the previous one and minus the first, paired on the same tasks.
             "differences": differences(self.evaluations + pooled_rows),
             "intervals": INTERVALS,

@@ -84,10 +84,8 @@ def with_intervals(row: dict) -> dict:
 def _pooled_row(label: str, env: str, split: str, rows: list[dict]) -> dict:
     """One row over the tasks of ``rows``, their task ids made ``env/split/task`` so they stay distinct."""
     rewards = {f"{r['env']}/{r['split']}/{task}": float(v) for r in rows for task, v in r["rewards"].items()}
-    values = list(rewards.values())
-    return with_intervals({"label": label, "env": env, "split": split, "n": len(values),
-                           "average_reward_x100": 100.0 * sum(values) / len(values) if values else 0.0,
-                           "success_rate": sum(v == 1.0 for v in values) / len(values) if values else 0.0,
+    means = {m: sum(_metric_values(rewards, m).values()) / max(1, len(rewards)) for m in METRICS}
+    return with_intervals({"label": label, "env": env, "split": split, "n": len(rewards), **means,
                            "rewards": rewards})
 
 
