@@ -1,6 +1,8 @@
-"""Exploration speed on real ScienceWorld episodes, contenders side by side, each ratio isolating one thing.
+"""Exploration speed on real ScienceWorld and ALFWorld episodes, contenders side by side, each ratio
+isolating one thing.
 
-Contenders play the same tasks with the same SmolLM2-135M-Instruct, greedily, with the same turn cap:
+Contenders play the same tasks (half ScienceWorld, half ALFWorld, in one ``explore_many`` call as the
+training loop does) with the same SmolLM2-135M-Instruct, greedily, with the same turn cap:
 
 - ``plain-serial``: the plain engine, one episode at a time (how ETO's scripts explore);
 - ``plain-batched``: the plain engine with all episodes in flight, one batched call per round
@@ -10,17 +12,22 @@ Contenders play the same tasks with the same SmolLM2-135M-Instruct, greedily, wi
   step, environments step while the model decodes), fp32;
 - ``continuous-bf16``: the same with bfloat16 weights and KV.
 
-So ``plain-batched / plain-serial`` is batching, ``kv / plain-batched`` is KV reuse, ``continuous / kv`` is
-the scheduling (and env overlap), ``continuous-bf16 / continuous`` is the dtype. Each repeat runs every
-contender once, in turn, after one untimed warm-up episode per engine; the rows record the median and the
-range over repeats. The fp32 contenders must generate the same token ids turn by turn as ``plain-batched``
-(asserted); for bf16 the share of turns with identical ids is recorded. Environment time (inside reset and
-step, summed over threads) is recorded apart, and the decode ceiling is printed beside the measurement:
-every token step reads the weights once, so with ``C`` rows in flight and a memory bandwidth ``B``
-(measured here with a large copy), at most ``C · B / weight_bytes`` tokens/s can be decoded.
+So ``plain-batched / plain-serial`` is batching (with the environments of a round stepping in parallel
+threads; their time is recorded apart and bounds that part), ``kv / plain-batched`` is KV reuse,
+``continuous / kv`` is the scheduling (and env overlap), ``continuous-bf16 / continuous`` is the dtype.
+Each repeat runs every contender once, in turn, after one untimed warm-up per engine; the rows record
+the median and the range over repeats. The fp32 contenders must generate the same token ids turn by turn
+as ``plain-batched`` (asserted); for bf16 the share of turns with identical ids is recorded.
 
-``FASTETO_BENCH_EXPLORE="episodes,turns,repeats"`` sizes it (default 4,8,3: the plain contenders are
-slow). Rows go to ``bench/results/explore.jsonl``. This bench never asserts on speed.
+The decode ceiling is printed beside each continuous contender: a token step must at least read the
+weights once (all rows in flight share that read) and every row's keys and values up to its position, so
+the run's own schedule (its forwards and the slot positions they attended, counted by the engine) at the
+read bandwidth measured here bounds its env steps/s from above. Prefill compute and environment time are
+left out of the bound, so it is optimistic.
+
+``FASTETO_BENCH_EXPLORE="episodes,turns,repeats"`` sizes it (default 8,10,3: the plain contenders are
+slow). ALFWorld's games come from $ALFWORLD_DATA or ../shared/data/alfworld. Rows go to
+``bench/results/explore.jsonl``. This bench never asserts on speed.
 """
 
 from __future__ import annotations
@@ -39,17 +46,23 @@ from _common import device_description, record_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-EPISODES, TURNS, REPEATS = (int(x) for x in os.environ.get("FASTETO_BENCH_EXPLORE", "4,8,3").split(","))
-
-def tasks() -> list[str]:
-    """``EPISODES`` tasks spread over ETO's train split (so over task types)."""
-    from fasteto.envs.sciworld import split_task_ids
-
-    train = split_task_ids("train")
-    return [train[i * len(train) // EPISODES] for i in range(EPISODES)]
-
+EPISODES, TURNS, REPEATS = (int(x) for x in os.environ.get("FASTETO_BENCH_EXPLORE", "8,10,3").split(","))
+SHARED_ALFWORLD = Path(__file__).resolve().parents[2] / "shared" / "data" / "alfworld"
 MAX_NEW_TOKENS = 48  # the default preset's
 CONTENDERS = ["plain-serial", "plain-batched", "kv", "continuous", "continuous-bf16"]
+ENVS = ("sciworld", "alfworld")
+
+
+def spread_sample(ids, n: int) -> list[str]:
+    """``n`` ids spread evenly over ``ids`` (so over task types)."""
+    return [ids[i * len(ids) // n] for i in range(n)]
+
+
+def alfworld_folder() -> Path:
+    folder = Path(os.environ.get("ALFWORLD_DATA", SHARED_ALFWORLD))
+    if not (folder / "json_2.1.1").is_dir():
+        pytest.skip(f"ALFWorld data not found at {folder}: set ALFWORLD_DATA (see README, Environments)")
+    return folder
 
 
 def smollm2():
@@ -63,17 +76,31 @@ def smollm2():
     return load_model(path), load_model(path, dtype=torch.bfloat16), load_tokenizer(path)
 
 
-def capped(turns: int):
-    from fasteto.envs.sciworld import SciWorldEnv
+class Kept:
+    """An environment the explorer may not close: reused by every contender, closed at the end."""
 
-    class Capped(SciWorldEnv):
-        def max_steps(self, task_id: str) -> int:
-            return turns
+    def __init__(self, env):
+        self.env = env
 
-        def close(self) -> None:  # reused across contenders; closed at the end
-            pass
+    def __getattr__(self, name):
+        return getattr(self.env, name)
 
-    return Capped
+    def close(self) -> None:
+        pass
+
+
+def open_envs(data: Path, per_env: int) -> dict[str, list[Kept]]:
+    """``per_env`` ScienceWorld simulators and ALFWorld processes, started before any timing."""
+    from functools import partial
+
+    from fasteto.envs import make_env
+    from fasteto.rollout.env_process import ProcessEnv
+
+    envs = {"sciworld": [Kept(make_env("sciworld")) for _ in range(per_env)],
+            "alfworld": [Kept(ProcessEnv(partial(make_env, "alfworld", data=str(data)))) for _ in range(per_env)]}
+    for env in envs["alfworld"]:
+        env.prompt  # noqa: B018 (the child builds its environment now)
+    return envs
 
 
 def make_engine(who: str, fp32, bf16, tokenizer):
@@ -90,29 +117,40 @@ def make_engine(who: str, fp32, bf16, tokenizer):
     return ContinuousEngine(bf16 if who.endswith("bf16") else fp32, tokenizer, slots=EPISODES), EPISODES
 
 
-def play(engine, concurrency: int, envs: list, tasks: list[str], turns: int):
+def play(engine, concurrency: int, envs: dict[str, list], tasks: dict[str, list[str]], turns: int):
+    """One ``explore_many`` call over both environments; (reports, wall seconds)."""
     from fasteto.rollout.engine import GenerationConfig
-    from fasteto.rollout.explore import explore
+    from fasteto.rollout.explore import ExploreJob, explore_many
 
-    free = list(envs)
     with tempfile.TemporaryDirectory() as tmp:
+        jobs = [ExploreJob(list(envs[env]).pop, tasks[env], Path(tmp) / f"{env}.jsonl", max_steps=turns)
+                for env in ENVS]
         start = time.perf_counter()
-        report = explore(free.pop, engine, tasks, Path(tmp) / "s.jsonl",
-                         GenerationConfig(max_new_tokens=MAX_NEW_TOKENS), concurrency=concurrency,
-                         progress=False)
-        return report, time.perf_counter() - start
+        reports = explore_many(jobs, engine, GenerationConfig(max_new_tokens=MAX_NEW_TOKENS),
+                               concurrency=concurrency, progress=False)
+        return reports, time.perf_counter() - start
 
 
-def bandwidth_bytes_per_s() -> float:
-    """Memory bandwidth of a large copy (read + write), best of 5."""
-    a = torch.empty(256 * 2**20 // 4)
-    b = torch.empty_like(a)
+def read_bandwidth_bytes_per_s() -> float:
+    """Read bandwidth of a sum over 1 GiB of written memory (so not the zero page), best of 4."""
+    a = torch.ones(2**30 // 4)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(4):
         start = time.perf_counter()
-        b.copy_(a)
+        a.sum()
         best = min(best, time.perf_counter() - start)
-    return 2 * a.numel() * 4 / best
+    return a.numel() * 4 / best
+
+
+def floor_seconds(engine, model, bandwidth: float) -> float:
+    """The least time ``engine``'s steps could take: every forward reads the weights, every row its slot's
+    keys and values up to its position (``engine.context_tokens`` of them in all)."""
+    from fasteto.rollout.slot_kv import kv_shape
+
+    layers, heads, dim = kv_shape(model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = 2 * layers * heads * dim * next(model.parameters()).element_size()
+    return (engine.forwards * weights + engine.context_tokens * kv_per_token) / bandwidth
 
 
 def agreement(ids: dict, base: dict) -> float:
@@ -121,76 +159,89 @@ def agreement(ids: dict, base: dict) -> float:
 
 
 @pytest.mark.timeout(4 * 3600)
-def test_explore_sciworld(benchmark, bench_report):
+def test_explore_sciworld_and_alfworld(benchmark, bench_report):
     if shutil.which("java") is None:
         pytest.skip("ScienceWorld needs Java 17")
-    from fasteto.envs.sciworld import SciWorldEnv
+    from fasteto.envs.alfworld import split_task_ids as alfworld_ids
+    from fasteto.envs.sciworld import split_task_ids as sciworld_ids
 
+    data = alfworld_folder()
     fp32, bf16, tokenizer = smollm2()
-    env_class = capped(TURNS)
-    envs = [env_class() for _ in range(EPISODES)]  # JVMs started before timing
+    per_env = EPISODES // 2
+    tasks = {"sciworld": spread_sample(sciworld_ids("train"), per_env),
+             "alfworld": spread_sample(alfworld_ids(data, "train"), per_env)}
+    warmup = {"sciworld": [sciworld_ids("dev")[0]], "alfworld": [alfworld_ids(data, "valid_seen")[0]]}
+    envs = open_envs(data, per_env)
     runs: dict[str, list[dict]] = {who: [] for who in CONTENDERS}
-    task_ids = tasks()
-    from fasteto.envs.sciworld import split_task_ids
-
-    warmup = split_task_ids("dev")[0]
     ids: dict[str, dict] = {}
+    bandwidth = read_bandwidth_bytes_per_s()
 
     def one_repeat():
         for who in CONTENDERS:
             engine, concurrency = make_engine(who, fp32, bf16, tokenizer)
-            play(engine, 1, envs, [warmup], 2)  # warm-up: first calls, allocations
-            report, seconds = play(engine, concurrency, envs, task_ids, TURNS)
-            runs[who].append({"seconds": seconds, "env_steps": report.env_steps,
-                              "env_seconds": report.env_seconds, "steps_per_s": report.env_steps / seconds})
-            ids.setdefault(who, report.reply_ids)
-            print(f"{who}: {report.env_steps} env steps in {seconds:.1f} s (env {report.env_seconds:.1f} s)",
-                  flush=True)
+            play(engine, min(2, concurrency), envs, warmup, 2)  # warm-up: first calls, allocations
+            if hasattr(engine, "forwards"):
+                engine.forwards = engine.context_tokens = 0
+            reports, seconds = play(engine, concurrency, envs, tasks, TURNS)
+            steps = sum(r.env_steps for r in reports)
+            row = {"seconds": seconds, "env_steps": steps, "steps_per_s": steps / seconds,
+                   "env_seconds": {env: r.env_seconds for env, r in zip(ENVS, reports, strict=True)}}
+            if hasattr(engine, "forwards"):
+                floor = floor_seconds(engine, engine.model, bandwidth)
+                row.update(floor_seconds=floor, ceiling_steps_per_s=steps / floor, forwards=engine.forwards)
+            runs[who].append(row)
+            ids.setdefault(who, {(env, key): turns for env, r in zip(ENVS, reports, strict=True)
+                                 for key, turns in r.reply_ids.items()})
+            print(f"{who}: {steps} env steps in {seconds:.1f} s (env {row['env_seconds']})", flush=True)
 
     try:
         benchmark.pedantic(one_repeat, rounds=REPEATS, iterations=1)
     finally:
-        for env in envs:
-            SciWorldEnv.close(env)
+        for env in [e for kept in envs.values() for e in kept]:
+            env.env.close()
     base = ids["plain-batched"]
     for who in ("plain-serial", "kv", "continuous"):
         print(who, "token ids equal to plain-batched's:", ids[who] == base)
     for who in ("plain-serial", "kv", "continuous"):
         assert ids[who] == base, f"{who}'s greedy token ids differ from plain-batched's"
-    weights = sum(p.numel() * p.element_size() for p in fp32.parameters())
-    ceiling = EPISODES * bandwidth_bytes_per_s() / weights  # fp32 tokens/s with every row in flight
-    reply_tokens = [len(r) + 1 for turns in base.values() for r in turns]  # + the end-of-turn token
-    ceiling_steps = ceiling / statistics.mean(reply_tokens)
     median = {who: statistics.median(r["steps_per_s"] for r in rows) for who, rows in runs.items()}
+    reply_tokens = [len(r) + 1 for turns in base.values() for r in turns]  # + the end-of-turn token
     for who, rows in runs.items():
         rates = [r["steps_per_s"] for r in rows]
+        ceilings = [r["ceiling_steps_per_s"] for r in rows if "ceiling_steps_per_s" in r]
         record_result("explore", {
-            "bench": "explore_sciworld_v2", "device": device_description("cpu"), "model": "smollm2-135m",
-            "contender": who, "episodes": EPISODES, "turns": TURNS, "max_new_tokens": MAX_NEW_TOKENS,
-            "repeats": len(rows), "env_steps": rows[0]["env_steps"],
+            "bench": "explore_sciworld_alfworld_v3", "device": device_description("cpu"),
+            "model": "smollm2-135m", "contender": who, "episodes": EPISODES, "envs": list(ENVS), "turns": TURNS,
+            "max_new_tokens": MAX_NEW_TOKENS, "repeats": len(rows), "env_steps": rows[0]["env_steps"],
             "env_steps_per_s_median": median[who], "env_steps_per_s_min": min(rates),
-            "env_steps_per_s_max": max(rates),
-            "env_seconds_median": statistics.median(r["env_seconds"] for r in rows),
-            "seconds_median": statistics.median(r["seconds"] for r in rows),
+            "env_steps_per_s_max": max(rates), "seconds_median": statistics.median(r["seconds"] for r in rows),
+            "env_seconds": [r["env_seconds"] for r in rows],
             "token_agreement_vs_plain_fp32": agreement(ids[who], base),
-            "fp32_decode_ceiling_tokens_per_s": ceiling, "fp32_decode_ceiling_env_steps_per_s": ceiling_steps,
-            "mean_reply_tokens": statistics.mean(reply_tokens), "torch_threads": torch.get_num_threads(),
+            "ceiling_env_steps_per_s_median": statistics.median(ceilings) if ceilings else None,
+            "read_bandwidth_gb_per_s": bandwidth / 1e9, "mean_reply_tokens": statistics.mean(reply_tokens),
+            "torch_threads": torch.get_num_threads(),
         })
 
     def spread(who):
         rates = [r["steps_per_s"] for r in runs[who]]
         return f"{median[who]:.2f} [{min(rates):.2f}-{max(rates):.2f}]"
 
-    lines = [f"explore SmolLM2 on ScienceWorld, {EPISODES} episodes x {TURNS} turns, {REPEATS} repeats, "
-             "env steps/s median [min-max]: " + ", ".join(f"{w} {spread(w)}" for w in CONTENDERS)]
+    lines = [f"explore SmolLM2 on ScienceWorld + ALFWorld, {EPISODES} episodes x {TURNS} turns, {REPEATS} "
+             "repeats, env steps/s median [min-max]: " + ", ".join(f"{w} {spread(w)}" for w in CONTENDERS)]
     for num, den, what in [("plain-batched", "plain-serial", "batching"), ("kv", "plain-batched", "KV reuse"),
                            ("continuous", "kv", "continuous scheduling"),
                            ("continuous-bf16", "continuous", "bf16"),
-                           ("continuous-bf16", "plain-batched", "new engine vs plain batched"),
-                           ("continuous-bf16", "plain-serial", "new engine vs plain serial")]:
-        lines.append(f"  {what}: {num} / {den} = {median[num] / median[den]:.2f}x")
-    lines.append(f"  bf16 turns with token ids equal to fp32: {agreement(ids['continuous-bf16'], base):.0%}; "
-                 f"fp32 decode ceiling at {EPISODES} rows: {ceiling:.0f} tokens/s = {ceiling_steps:.1f} env "
-                 f"steps/s at {statistics.mean(reply_tokens):.1f} tokens per reply; bf16 twice that "
+                           ("continuous", "plain-batched", "new engine fp32 vs plain batched"),
+                           ("continuous", "plain-serial", "new engine fp32 vs plain serial"),
+                           ("continuous-bf16", "plain-batched", "new engine bf16 vs plain batched"),
+                           ("continuous-bf16", "plain-serial", "new engine bf16 vs plain serial")]:
+        ratios = [a["steps_per_s"] / b["steps_per_s"] for a, b in zip(runs[num], runs[den], strict=True)]
+        lines.append(f"  {what}: {num} / {den} = {median[num] / median[den]:.2f}x "
+                     f"(per repeat {min(ratios):.2f}-{max(ratios):.2f})")
+    for who in ("continuous", "continuous-bf16"):
+        ceiling = statistics.median(r["ceiling_steps_per_s"] for r in runs[who])
+        lines.append(f"  {who}: ceiling {ceiling:.1f} env steps/s (weights + KV read at "
+                     f"{bandwidth / 1e9:.0f} GB/s), measured {median[who]:.2f} = {median[who] / ceiling:.0%}")
+    lines.append(f"  bf16 turns with token ids equal to fp32: {agreement(ids['continuous-bf16'], base):.0%} "
                  f"({device_description('cpu')})")
     bench_report.lines += lines

@@ -88,6 +88,7 @@ class ContinuousEngine:
         self.copied_tokens = 0  # prompt tokens whose KV was copied from another slot instead
         self.decoded_tokens = 0
         self.forwards = 0
+        self.context_tokens = 0  # slot positions the steps' rows attended to, summed over rows and steps
         self.last_token_ids: list[list[int]] = []  # of the last generate() call, per conversation
         self.update_weights(model)
 
@@ -144,6 +145,7 @@ class ContinuousEngine:
         with torch.no_grad():
             logits = self._forward(ids, step)
         self.forwards += 1
+        self.context_tokens += sum(start + len(tokens) for _, start, tokens in segments)
         for row, (slot, start, tokens) in zip(rows, segments, strict=True):
             self.store.valid[slot] = np.concatenate([self.store.valid[slot][:start], tokens])
             row.joined = True

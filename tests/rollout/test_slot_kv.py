@@ -1,0 +1,73 @@
+"""Slot attention (the continuous engine's op): its layout, exactly, and its output against an eager
+float64 reference that attends each packed token to its slot's positions one at a time."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fasteto.rollout.slot_kv import PackedStep, SlotStore, decode_runs, slot_attention_forward
+
+
+def test_decode_runs_group_one_token_segments_by_consecutive_slots():
+    # segments: slot 3 decodes at 10, slot 0 at 4, slot 1 at 7, slot 5 prefills 6 tokens from 0
+    runs = decode_runs(slots=[3, 0, 1, 5], starts=[10, 4, 7, 0], lengths=[1, 1, 1, 6], packed_last=[0, 1, 2, 8],
+                       device=torch.device("cpu"))
+    assert [(r.first, r.index.tolist(), r.length) for r in runs] == [(0, [1, 2], 8), (3, [0], 11)]
+    expected = torch.tensor([[True] * 5 + [False] * 3, [True] * 8])[:, None, None, :]
+    assert torch.equal(runs[0].mask, expected)
+    assert runs[1].mask is None  # one row sees all of its run's positions
+
+
+def test_decode_runs_equal_lengths_need_no_mask():
+    runs = decode_runs(slots=[1, 2], starts=[6, 6], lengths=[1, 1], packed_last=[0, 1], device=torch.device("cpu"))
+    assert [(r.first, r.index.tolist(), r.length, r.mask) for r in runs] == [(1, [0, 1], 7, None)]
+
+
+def reference(query: torch.Tensor, store: SlotStore, step: PackedStep, scale: float) -> torch.Tensor:
+    """``[1, N, H, D]`` float64: packed token t of slot s at position p attends to slot s's 0..p."""
+    keys, values = store.keys[0].double(), store.values[0].double()
+    heads, kv_heads = query.shape[1], keys.shape[1]
+    out = torch.zeros(1, query.shape[2], heads, query.shape[3], dtype=torch.float64)
+    for t, (slot, pos) in enumerate(zip(step.token_slot.tolist(), step.token_pos.tolist(), strict=True)):
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = [scale * float(query[0, h, t].double() @ keys[slot, kv, j]) for j in range(pos + 1)]
+            top = max(scores)
+            weights = [math.exp(s - top) for s in scores]
+            total = sum(weights)
+            out[0, t, h] = sum(w / total * values[slot, kv, j] for j, w in enumerate(weights))
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_slot_attention_matches_the_reference_for_mixed_steps(dtype, tol):
+    """Decoding rows in two runs (one with unequal lengths), a prefill from position 0 and one after a
+    cached prefix, GQA with 3 query heads per kv head."""
+    torch.manual_seed(0)
+    kv_heads, group, dim = 2, 3, 8
+    store = SlotStore(num_layers=1, num_slots=6, kv_heads=kv_heads, head_dim=dim, dtype=dtype,
+                      device=torch.device("cpu"), capacity=32)
+    for buffers in (store.keys, store.values):
+        buffers[0].normal_()
+    step = PackedStep.build(store, slots=[4, 0, 5, 1, 2, 3], starts=[9, 12, 0, 5, 7, 3],
+                            lengths=[1, 1, 4, 1, 1, 5])
+    n = sum(step.lengths)
+    assert [(r.first, r.index.tolist()) for r in step.decode_runs] == [(0, [1, 6, 7]), (4, [0])]
+    query = torch.randn(1, kv_heads * group, n, dim, dtype=dtype)
+    new_kv = torch.randn(2, 1, kv_heads, n, dim, dtype=dtype)
+    step.update(new_kv[0], new_kv[1], layer_idx=0)
+    module = SimpleNamespace(layer_idx=0)
+    out, _ = slot_attention_forward(module, query, new_kv[0], new_kv[1], None, scaling=dim ** -0.5,
+                                    slot_step=step)
+    assert out.shape == (1, n, kv_heads * group, dim) and out.dtype == dtype
+    expected = reference(query, store, step, dim ** -0.5)
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+def test_slot_attention_refuses_a_forward_without_the_step():
+    with pytest.raises(ValueError, match="slot_step"):
+        slot_attention_forward(SimpleNamespace(layer_idx=0), torch.zeros(1, 1, 1, 1), None, None, None)
