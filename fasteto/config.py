@@ -276,8 +276,9 @@ class ExploreConfig:
         "episode keeps its KV between turns), kv (a batch per turn, KV kept between turns), plain "
         "(re-encodes every turn) or sglang (GPU nodes; pip install 'fasteto[sglang]')", "continuous")
     dtype: typing.Literal["model", "float32", "bfloat16", "auto"] = _help(
-        "continuous engine's weights: model (model.dtype), float32, bfloat16, or auto (bfloat16 where the "
-        "CPU has AVX-512 BF16 or AMX, or on CUDA; else model.dtype)", "model")
+        "continuous engine's weights and KV: model (model.dtype), float32, bfloat16, or auto (bfloat16 where "
+        "the CPU has AVX-512 BF16 or AMX, or on CUDA; else model.dtype; the kv and plain engines always run "
+        "model.dtype)", "model")
     cache_tokens: int = _help("tokens of KV the kv engine keeps between turns", 65536)
     sglang_url: str | None = _help("a running SGLang server (started with --skip-tokenizer-init) to use "
                                    "instead of starting one in this process", None)
@@ -307,7 +308,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "envs": {"train_tasks": 4, "test_tasks": 2},
         "sft": {"epochs": 2, "global_batch": 4, "max_length": 2048},
         "dpo": {"epochs": 1, "global_batch": 2, "lr": [5e-6], "max_target": 1536},
-        "explore": {"max_new_tokens": 48, "concurrency": 8, "max_context": 3072, "max_steps": 15},
+        # A smoke test: bf16 decode where the CPU has it (README, Exploration: faster, greedy replies differ
+        # from fp32 on some turns); --explore.dtype model evaluates in the model's own dtype.
+        "explore": {"max_new_tokens": 48, "concurrency": 8, "max_context": 3072, "max_steps": 15,
+                    "dtype": "auto"},
     },
     # A run meant to move the numbers on 2 CPU cores (issue 11), sized from measured rates: ~1 env step/s
     # with 8 episodes in flight, ~200 SFT tokens/s for SmolLM2-135M, ~6 s per ALFWorld expert task.

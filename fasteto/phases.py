@@ -82,7 +82,7 @@ class EtoLoop:
         from fasteto.rollout.sglang_engine import INSTALL_HINT
 
         opts = self.cfg.explore
-        if opts.dtype != "model" and opts.engine != "continuous":
+        if opts.dtype not in ("model", "auto") and opts.engine != "continuous":
             raise ValueError(f"explore.dtype {opts.dtype}: only the continuous engine takes a dtype of its "
                              f"own; with --explore.engine {opts.engine} set model.dtype instead")
         if self.cfg.explore.engine == "sglang" and not self.cfg.explore.sglang_url:
@@ -401,6 +401,7 @@ class EtoLoop:
         from fasteto.rollout.continuous import ContinuousEngine, engine_dtype
         from fasteto.rollout.engine import TransformersEngine
         from fasteto.rollout.kv_engine import KVCacheEngine
+        from fasteto.utils.choices import record_choice
 
         opts = self.cfg.explore
         if opts.engine == "sglang":
@@ -410,6 +411,8 @@ class EtoLoop:
             return ContinuousEngine(self._load(policy, dtype), self.tokenizer, slots=opts.concurrency,
                                     max_context=opts.max_context)
         common = {"batch_size": opts.concurrency, "max_context": opts.max_context}
+        if opts.dtype == "auto":
+            record_choice("explore.dtype", "model", f"the {opts.engine} engine runs the model's dtype")
         if opts.engine == "kv":
             return KVCacheEngine(self._load(policy), self.tokenizer, cache_tokens=opts.cache_tokens, **common)
         return TransformersEngine(self._load(policy), self.tokenizer, **common)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from tiny import byte_tokenizer, tiny_llama
@@ -231,3 +232,12 @@ def test_task_counts_below_one_are_refused(option):
     loop = EtoLoop(parse_config(["--envs.names", "sciworld", f"--envs.{option}", "0"]))
     with pytest.raises(ValueError, match=f"envs.{option}: 0 tasks"):
         loop.prepare()
+
+
+def test_the_default_preset_decodes_in_bf16_where_it_can_and_other_engines_keep_the_model_dtype():
+    from fasteto.phases import EtoLoop
+
+    assert parse_config([]).explore.dtype == "auto"
+    assert parse_config(["--preset", "small"]).explore.dtype == "model"
+    cfg = parse_config(["--explore.engine", "kv"])
+    EtoLoop._check_engine(SimpleNamespace(cfg=cfg))  # auto: no refusal, the kv engine runs model.dtype

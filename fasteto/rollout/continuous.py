@@ -98,7 +98,8 @@ class ContinuousEngine:
         self.stops = stop_token_ids(self.tokenizer, model)
         layers, heads, dim = kv_shape(model)
         param = next(model.parameters())
-        self.store = SlotStore(layers, self.num_slots, heads, dim, param.dtype, param.device)
+        self.store = SlotStore(layers, self.num_slots, heads, dim, param.dtype, param.device,
+                               limit=self.max_context)
         self.owner: list[Hashable | None] = [None] * self.num_slots
         self.used = [0] * self.num_slots
         self.rows: list[_Row] = []

@@ -34,8 +34,10 @@ class SlotStore:
     """
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, capacity: int = 512):
+                 device: torch.device, capacity: int = 512, limit: int | None = None):
         self.num_layers, self.num_slots = num_layers, num_slots
+        self.limit = limit  # no slot ever needs more positions (the engine's context cap), or None
+        capacity = capacity if limit is None else min(capacity, limit)
         self.shape = (num_slots, kv_heads, capacity, head_dim)
         self.dtype, self.device = dtype, device
         self.keys = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -47,10 +49,13 @@ class SlotStore:
         return self.shape[2]
 
     def reserve(self, tokens: int) -> None:
-        """Make room for ``tokens`` positions per slot (doubling, so growth copies O(total) in all)."""
+        """Make room for ``tokens`` positions per slot: doubling (so growth copies O(total) in all), but
+        never past ``limit`` when ``tokens`` is within it."""
         if tokens <= self.capacity:
             return
         new = max(tokens, 2 * self.capacity)
+        if self.limit is not None and tokens <= self.limit:
+            new = min(new, self.limit)
         self.shape = (*self.shape[:2], new, self.shape[3])
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):

@@ -71,3 +71,16 @@ def test_slot_attention_matches_the_reference_for_mixed_steps(dtype, tol):
 def test_slot_attention_refuses_a_forward_without_the_step():
     with pytest.raises(ValueError, match="slot_step"):
         slot_attention_forward(SimpleNamespace(layer_idx=0), torch.zeros(1, 1, 1, 1), None, None, None)
+
+
+def test_reserve_doubles_but_stops_at_the_limit():
+    store = SlotStore(num_layers=1, num_slots=1, kv_heads=1, head_dim=1, dtype=torch.float32,
+                      device=torch.device("cpu"), capacity=4, limit=12)
+    store.keys[0][0, 0, :4, 0] = torch.arange(4.0)
+    store.reserve(5)
+    assert store.capacity == 8
+    store.reserve(9)
+    assert store.capacity == 12  # not 16: no slot needs more than the limit
+    assert store.keys[0][0, 0, :4, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    store.reserve(13)  # past the limit (a caller without one): grows as asked
+    assert store.capacity == 24
