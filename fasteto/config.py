@@ -279,6 +279,9 @@ class ExploreConfig:
         "continuous engine's weights and KV: model (model.dtype), float32, bfloat16, or auto (bfloat16 where "
         "the CPU has AVX-512 BF16 or AMX, or on CUDA; else model.dtype; the kv and plain engines always run "
         "model.dtype)", "model")
+    attention: typing.Literal["auto", "native", "torch"] = _help(
+        "continuous engine's decode attention: native (C++ kernel, CPU), torch (SDPA) or auto (native where "
+        "its library is built, else torch)", "auto")
     cache_tokens: int = _help("tokens of KV the kv engine keeps between turns", 65536)
     sglang_url: str | None = _help("a running SGLang server (started with --skip-tokenizer-init) to use "
                                    "instead of starting one in this process", None)

@@ -85,6 +85,12 @@ class EtoLoop:
         if opts.dtype not in ("model", "auto") and opts.engine != "continuous":
             raise ValueError(f"explore.dtype {opts.dtype}: only the continuous engine takes a dtype of its "
                              f"own; with --explore.engine {opts.engine} set model.dtype instead")
+        if opts.attention != "auto" and opts.engine != "continuous":
+            raise ValueError(f"explore.attention {opts.attention}: only the continuous engine takes it")
+        if opts.engine == "continuous":
+            from fasteto.ops.decode_attention.api import resolve
+
+            resolve(opts.attention, torch.device("cpu"))  # an explicit native without its library stops here
         if self.cfg.explore.engine == "sglang" and not self.cfg.explore.sglang_url:
             if importlib.util.find_spec("sglang") is None:
                 raise ValueError(f"explore.engine sglang: the sglang package is missing; {INSTALL_HINT}, or "
@@ -409,7 +415,7 @@ class EtoLoop:
         if opts.engine == "continuous":
             dtype = engine_dtype(opts.dtype, self.dtype)
             return ContinuousEngine(self._load(policy, dtype), self.tokenizer, slots=opts.concurrency,
-                                    max_context=opts.max_context)
+                                    max_context=opts.max_context, attention=opts.attention)
         common = {"batch_size": opts.concurrency, "max_context": opts.max_context}
         if opts.dtype == "auto":
             record_choice("explore.dtype", "model", f"the {opts.engine} engine runs the model's dtype")

@@ -7,6 +7,9 @@ environments, and import neither transformers nor the rest of fasteto.
 - :func:`tree_attention_meta` ``(cu_seqlens, parent, kv_index, cu_seqlens_k)`` and :func:`tree_attention`
   ``(q [N, H, D], k, v [N, Hkv, D], meta) -> [N, H, D]``: attention over a packed shared-prefix token
   tree (each shared prompt computed once for all the sequences through it).
+- :func:`decode_attention` ``(query [R, H_kv, G, D], keys, values [S, H_kv, C, D], slots [R],
+  lengths [R], scale) -> [R, H_kv, G, D]``: one new token per row attending to its KV slot's first
+  positions (the continuous engine's decoding rows), each slot position read once per kv head.
 - :func:`preference_loss` and the losses it names (:data:`PREFERENCE_LOSSES`): DPO and its variants on
   summed per-sequence log-probs.
 
@@ -16,6 +19,7 @@ takes ``impl=``: an explicit backend that cannot run raises with the reason; ``"
 its choice (``fasteto.utils.choices``).
 """
 
+from fasteto.ops.decode_attention import decode_attention
 from fasteto.ops.logprob import fused_token_logprobs
 from fasteto.ops.losses import (
     PREFERENCE_LOSSES,
@@ -30,6 +34,7 @@ from fasteto.ops.tree_attention import TreeAttentionMeta, tree_attention, tree_a
 __all__ = [
     "PREFERENCE_LOSSES",
     "TreeAttentionMeta",
+    "decode_attention",
     "dpo_sigmoid_loss",
     "dpo_sigmoid_norm_loss",
     "fused_token_logprobs",

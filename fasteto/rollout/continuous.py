@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from fasteto.data.types import Message
+from fasteto.ops.decode_attention.api import resolve as resolve_attention
 from fasteto.rollout.engine import (
     GenerationConfig,
     decode_reply,
@@ -76,9 +77,12 @@ class ContinuousEngine:
         slots: rows that can hold KV at once (the explorer's concurrency is enough: each episode keeps
             its slot until it ends). Memory: ``slots · tokens · 2 · layers · kv_heads · head_dim · bytes``.
         max_context: as ``TransformersEngine`` (None: no truncation).
+        attention: the decoding rows' attention backend (``fasteto.ops.decode_attention``): ``auto``,
+            ``native``, ``torch`` or ``reference``; resolved once here (``auto`` records its choice).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, slots: int = 8, max_context: int | None = None):
+    def __init__(self, model: Any, tokenizer: Any, slots: int = 8, max_context: int | None = None,
+                 attention: str = "auto"):
         if slots < 1:
             raise ValueError(f"slots must be ≥ 1, got {slots}")
         self.tokenizer = tokenizer
@@ -90,6 +94,7 @@ class ContinuousEngine:
         self.forwards = 0
         self.context_tokens = 0  # slot positions the steps' rows attended to, summed over rows and steps
         self.last_token_ids: list[list[int]] = []  # of the last generate() call, per conversation
+        self.attention = resolve_attention(attention, next(model.parameters()).device)
         self.update_weights(model)
 
     def update_weights(self, model: Any) -> None:
@@ -141,7 +146,7 @@ class ContinuousEngine:
         if not rows:
             return []
         step = PackedStep.build(self.store, [s for s, _, _ in segments], [a for _, a, _ in segments],
-                                [len(t) for _, _, t in segments])
+                                [len(t) for _, _, t in segments], self.attention)
         ids = torch.as_tensor(np.concatenate([t for _, _, t in segments]), device=self.store.device)
         with torch.no_grad():
             logits = self._forward(ids, step)

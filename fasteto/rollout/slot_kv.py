@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
+
+from fasteto.ops.decode_attention import decode_attention
 
 ATTENTION_NAME = "fasteto_slots"
 
@@ -75,47 +77,15 @@ class SlotStore:
 
 
 @dataclass
-class DecodeRun:
-    """Decoding rows (one new token each) in consecutive slots ``first .. first + r - 1``, attended in one
-    call. ``index``: ``[r]`` long, each row's packed token; ``mask``: ``[r, 1, 1, L]`` bool (row ``i`` sees
-    its ``lengths[i]`` slot positions) or None when every row sees all ``L = max(lengths)``."""
-
-    first: int
-    index: torch.Tensor
-    length: int
-    mask: torch.Tensor | None
-
-
-def decode_runs(slots: list[int], starts: list[int], lengths: list[int], packed_last: list[int],
-                device: torch.device) -> list[DecodeRun]:
-    """The segments with one new token, grouped into runs of consecutive slots (sorted by slot)."""
-    decoding = sorted((slot, start + 1, at) for slot, start, n, at in
-                      zip(slots, starts, lengths, packed_last, strict=True) if n == 1)
-    runs: list[list[tuple[int, int, int]]] = []
-    for row in decoding:
-        if runs and runs[-1][-1][0] + 1 == row[0]:
-            runs[-1].append(row)
-        else:
-            runs.append([row])
-    out = []
-    for run in runs:
-        seen = torch.tensor([n for _, n, _ in run])
-        longest = int(seen.max())
-        mask = None
-        if int(seen.min()) != longest:
-            mask = (torch.arange(longest)[None, :] < seen[:, None])[:, None, None, :].to(device)
-        out.append(DecodeRun(run[0][0], torch.tensor([at for _, _, at in run], device=device), longest, mask))
-    return out
-
-
-@dataclass
 class PackedStep:
     """One forward's layout: segment ``i`` holds ``lengths[i]`` new tokens of slot ``slots[i]``, at slot
     positions ``starts[i] ..`` (positions before ``starts[i]`` are already in the slot).
 
     ``token_slot``, ``token_pos``: ``[N]`` long, each packed token's slot and position. ``last``: ``[R]``
     long, the packed index of each segment's last token (whose logits pick the row's next token).
-    ``decode_runs``: the one-token segments, grouped for batched attention (``decode_runs()``).
+    ``decode_index``, ``decode_slots``, ``decode_lengths``: ``[r]`` long, for the segments of one token
+    (decoding rows): their packed token, slot, and the slot positions they attend to (``start + 1``);
+    ``attention``: the decode attention backend (``fasteto.ops.decode_attention``).
     """
 
     store: SlotStore
@@ -125,18 +95,24 @@ class PackedStep:
     token_slot: torch.Tensor
     token_pos: torch.Tensor
     last: torch.Tensor
-    decode_runs: list[DecodeRun] = field(default_factory=list)
+    decode_index: torch.Tensor
+    decode_slots: torch.Tensor
+    decode_lengths: torch.Tensor
+    attention: str = "torch"
 
     @classmethod
-    def build(cls, store: SlotStore, slots: list[int], starts: list[int], lengths: list[int]) -> PackedStep:
+    def build(cls, store: SlotStore, slots: list[int], starts: list[int], lengths: list[int],
+              attention: str = "torch") -> PackedStep:
         device = store.device
         token_slot = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)
         positions = [torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)]
         token_pos = torch.cat(positions).to(device)
-        ends = torch.tensor(lengths).cumsum(0)
-        last = (ends - 1).to(device)
-        runs = decode_runs(slots, starts, lengths, (ends - 1).tolist(), device)
-        return cls(store, slots, starts, lengths, token_slot, token_pos, last, runs)
+        last = torch.tensor(lengths).cumsum(0) - 1
+        one = [i for i, n in enumerate(lengths) if n == 1]
+        decode = [last[one].tolist(), [slots[i] for i in one], [starts[i] + 1 for i in one]]
+        index, decode_slots, seen = (torch.tensor(x, dtype=torch.long, device=device) for x in decode)
+        return cls(store, slots, starts, lengths, token_slot, token_pos, last.to(device), index, decode_slots,
+                   seen, attention)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -177,8 +153,8 @@ def slot_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         if n > 1:
             _prefill(query, keys, values, out, slot, start, n, offset, scaling)
         offset += n
-    for run in slot_step.decode_runs:
-        _decode(query, keys, values, out, run, scaling)
+    if len(slot_step.decode_index):
+        _decode(query, keys, values, out, slot_step, query.shape[3] ** -0.5 if scaling is None else scaling)
     return out, None
 
 
@@ -195,17 +171,15 @@ def _prefill(query, keys, values, out, slot: int, start: int, n: int, offset: in
     out[0, offset:offset + n] = o[0].transpose(0, 1)
 
 
-def _decode(query, keys, values, out, run: DecodeRun, scaling) -> None:
-    """One call for a run of decoding rows: each kv head's query heads are its group's queries
-    (``[r, H_kv, G, D]``), so the slots' keys and values ``[r, H_kv, L, D]`` are read once, as a view."""
+def _decode(query, keys, values, out, step: PackedStep, scale: float) -> None:
+    """The decoding rows (one new token each) in one call: each kv head's G query heads are its queries
+    (``[r, H_kv, G, D]``), so a slot's keys and values are read once per kv head, not once per query head."""
     heads, dim = query.shape[1], query.shape[3]
-    r, kv_heads = len(run.index), keys.shape[1]
-    q = query[0, :, run.index].transpose(0, 1).reshape(r, kv_heads, heads // kv_heads, dim)
-    k = keys[run.first:run.first + r, :, :run.length]
-    v = values[run.first:run.first + r, :, :run.length]
-    o = torch.nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=run.mask,
-                                                         scale=scaling)
-    out[0, run.index] = o.reshape(r, heads, dim)
+    r, kv_heads = len(step.decode_index), keys.shape[1]
+    q = query[0, :, step.decode_index].transpose(0, 1).reshape(r, kv_heads, heads // kv_heads, dim)
+    o = decode_attention(q.contiguous(), keys, values, step.decode_slots, step.decode_lengths, scale,
+                         impl=step.attention)
+    out[0, step.decode_index] = o.reshape(r, heads, dim)
 
 
 @contextmanager

@@ -9,22 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fasteto.rollout.slot_kv import PackedStep, SlotStore, decode_runs, slot_attention_forward
-
-
-def test_decode_runs_group_one_token_segments_by_consecutive_slots():
-    # segments: slot 3 decodes at 10, slot 0 at 4, slot 1 at 7, slot 5 prefills 6 tokens from 0
-    runs = decode_runs(slots=[3, 0, 1, 5], starts=[10, 4, 7, 0], lengths=[1, 1, 1, 6], packed_last=[0, 1, 2, 8],
-                       device=torch.device("cpu"))
-    assert [(r.first, r.index.tolist(), r.length) for r in runs] == [(0, [1, 2], 8), (3, [0], 11)]
-    expected = torch.tensor([[True] * 5 + [False] * 3, [True] * 8])[:, None, None, :]
-    assert torch.equal(runs[0].mask, expected)
-    assert runs[1].mask is None  # one row sees all of its run's positions
-
-
-def test_decode_runs_equal_lengths_need_no_mask():
-    runs = decode_runs(slots=[1, 2], starts=[6, 6], lengths=[1, 1], packed_last=[0, 1], device=torch.device("cpu"))
-    assert [(r.first, r.index.tolist(), r.length, r.mask) for r in runs] == [(1, [0, 1], 7, None)]
+from fasteto.ops.decode_attention.native import unavailable
+from fasteto.rollout.slot_kv import PackedStep, SlotStore, slot_attention_forward
 
 
 def reference(query: torch.Tensor, store: SlotStore, step: PackedStep, scale: float) -> torch.Tensor:
@@ -43,9 +29,23 @@ def reference(query: torch.Tensor, store: SlotStore, step: PackedStep, scale: fl
     return out
 
 
+IMPLS = ["torch", "reference",
+         pytest.param("native", marks=pytest.mark.skipif(unavailable() is not None, reason=str(unavailable())))]
+
+
+def test_packed_step_lists_its_decoding_rows_exactly():
+    store = SlotStore(num_layers=1, num_slots=6, kv_heads=1, head_dim=2, dtype=torch.float32,
+                      device=torch.device("cpu"), capacity=16)
+    step = PackedStep.build(store, slots=[3, 0, 5, 1], starts=[10, 4, 0, 7], lengths=[1, 1, 6, 1])
+    assert step.decode_index.tolist() == [0, 1, 8]
+    assert step.decode_slots.tolist() == [3, 0, 1]
+    assert step.decode_lengths.tolist() == [11, 5, 8]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_slot_attention_matches_the_reference_for_mixed_steps(dtype, tol):
-    """Decoding rows in two runs (one with unequal lengths), a prefill from position 0 and one after a
+def test_slot_attention_matches_the_reference_for_mixed_steps(dtype, tol, impl):
+    """Decoding rows in slots 0-2 (unequal lengths) and 4, a prefill from position 0 and one after a
     cached prefix, GQA with 3 query heads per kv head."""
     torch.manual_seed(0)
     kv_heads, group, dim = 2, 3, 8
@@ -54,9 +54,8 @@ def test_slot_attention_matches_the_reference_for_mixed_steps(dtype, tol):
     for buffers in (store.keys, store.values):
         buffers[0].normal_()
     step = PackedStep.build(store, slots=[4, 0, 5, 1, 2, 3], starts=[9, 12, 0, 5, 7, 3],
-                            lengths=[1, 1, 4, 1, 1, 5])
+                            lengths=[1, 1, 4, 1, 1, 5], attention=impl)
     n = sum(step.lengths)
-    assert [(r.first, r.index.tolist()) for r in step.decode_runs] == [(0, [1, 6, 7]), (4, [0])]
     query = torch.randn(1, kv_heads * group, n, dim, dtype=dtype)
     new_kv = torch.randn(2, 1, kv_heads, n, dim, dtype=dtype)
     step.update(new_kv[0], new_kv[1], layer_idx=0)

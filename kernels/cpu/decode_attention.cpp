@@ -1,0 +1,224 @@
+// Decode attention over per-row KV slots, for the continuous engine (fasteto/rollout/slot_kv.py).
+//
+// Each decoding row r has one new token; its G query heads per kv head attend to the first lengths[r]
+// positions of its slot slots[r]:
+//
+//   query [R, H_kv, G, D], keys / values [S, H_kv, C, D] (contiguous), slots / lengths [R] int64
+//   out[r, h, g] = softmax_j(scale * q[r, h, g] . k[slots[r], h, j]) @ v[slots[r], h, :lengths[r]]
+//
+// One task per (row, kv head), shared out among torch's threads. A task reads its keys once (G dot
+// products per position into a float32 score buffer), turns the scores into probabilities in place
+// (max, exp, sum), then reads its values once, accumulating the G outputs in float32. So each slot
+// position is read exactly once per layer, however many query heads share it, and no row reads
+// positions past its own length (the padded batch of torch's SDPA reads up to the longest row).
+// Half-precision keys and values are widened to float32 in registers; output is written in the query's
+// dtype. AVX-512 when the CPU has it and D is a multiple of 16 (at most 256), else scalar C++.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "token_logprobs_vec.h"
+
+namespace fasteto_native {
+namespace {
+
+using vec::kAvx512;
+
+template <typename scalar_t>
+inline float widen(scalar_t x) {
+  return static_cast<float>(x);
+}
+
+// probabilities in place: p = exp(s - max(s)); returns sum(p)
+inline float softmax_unnormalised(float* s, int64_t n) {
+  const float top = vec::add_bias_max(s, nullptr, n);
+  float total = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - top);
+    total += s[j];
+  }
+  return total;
+}
+
+// One (row, kv head) task, scalar: q [G, D] float32, k / v [L, D], out [G, D] float32.
+template <typename scalar_t>
+void task_scalar(const float* q, const scalar_t* k, const scalar_t* v, int64_t groups, int64_t length,
+                 int64_t dim, float scale, float* scores, float* out) {
+  for (int64_t j = 0; j < length; ++j) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float dot = 0.f;
+      for (int64_t d = 0; d < dim; ++d) dot += q[g * dim + d] * widen(k[j * dim + d]);
+      scores[g * length + j] = scale * dot;
+    }
+  }
+  std::fill(out, out + groups * dim, 0.f);
+  for (int64_t g = 0; g < groups; ++g) {
+    float* p = scores + g * length;
+    const float inv = 1.f / softmax_unnormalised(p, length);
+    for (int64_t j = 0; j < length; ++j) {
+      for (int64_t d = 0; d < dim; ++d) out[g * dim + d] += p[j] * widen(v[j * dim + d]);
+    }
+    for (int64_t d = 0; d < dim; ++d) out[g * dim + d] *= inv;
+  }
+}
+
+#if FASTETO_X86
+constexpr int64_t kMaxChunks = 16;  // D <= 256
+
+template <typename scalar_t>
+FASTETO_AVX512 inline __m512 load16(const scalar_t* x) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_loadu_ps(x);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  }
+}
+
+FASTETO_AVX512 inline float hsum(__m512 v) {
+  const __m256 lo = _mm512_castps512_ps256(v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+  return _mm_cvtss_f32(s4);
+}
+
+// p = exp(s - max(s)) in place; returns sum(p)
+FASTETO_AVX512 inline float softmax_unnormalised_avx512(float* s, int64_t n) {
+  const __m512 top = _mm512_set1_ps(vec::add_bias_max(s, nullptr, n));
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = vec::tail_mask(n - j);
+    const __m512 e = vec::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), top));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    acc = _mm512_mask_add_ps(acc, m, acc, e);
+  }
+  return hsum(acc);
+}
+
+template <typename scalar_t>
+FASTETO_AVX512 void task_avx512(const float* q, const scalar_t* k, const scalar_t* v, int64_t groups,
+                                int64_t length, int64_t dim, float scale, float* scores, float* out) {
+  const int64_t chunks = dim / 16;
+  for (int64_t j = 0; j < length; ++j) {
+    __m512 kj[kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) kj[c] = load16(k + j * dim + c * 16);
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * dim), kj[0]);
+      for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * dim + c * 16), kj[c], acc);
+      scores[g * length + j] = scale * hsum(acc);
+    }
+  }
+  std::vector<float> inv(groups);
+  for (int64_t g = 0; g < groups; ++g) inv[g] = 1.f / softmax_unnormalised_avx512(scores + g * length, length);
+  std::fill(out, out + groups * dim, 0.f);
+  for (int64_t j = 0; j < length; ++j) {
+    __m512 vj[kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) vj[c] = load16(v + j * dim + c * 16);
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * length + j]);
+      for (int64_t c = 0; c < chunks; ++c) {
+        float* o = out + g * dim + c * 16;
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(p, vj[c], _mm512_loadu_ps(o)));
+      }
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 s = _mm512_set1_ps(inv[g]);
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* o = out + g * dim + c * 16;
+      _mm512_storeu_ps(o, _mm512_mul_ps(s, _mm512_loadu_ps(o)));
+    }
+  }
+}
+#endif
+
+template <typename scalar_t>
+void run(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const int64_t* slots,
+         const int64_t* lengths, float scale, at::Tensor& out) {
+  const int64_t rows = query.size(0), kv_heads = query.size(1), groups = query.size(2), dim = query.size(3);
+  const int64_t capacity = keys.size(2);
+  const int64_t longest = rows ? *std::max_element(lengths, lengths + rows) : 0;
+  const scalar_t* q_all = query.const_data_ptr<scalar_t>();
+  const scalar_t* k_all = keys.const_data_ptr<scalar_t>();
+  const scalar_t* v_all = values.const_data_ptr<scalar_t>();
+  scalar_t* o_all = out.data_ptr<scalar_t>();
+  const bool simd = kAvx512 && dim % 16 == 0 && dim <= 256;
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(groups * longest), q(groups * dim), o(groups * dim);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / kv_heads, h = t % kv_heads;
+      const int64_t offset = (slots[r] * kv_heads + h) * capacity * dim;
+      const scalar_t* qt = q_all + t * groups * dim;
+      for (int64_t i = 0; i < groups * dim; ++i) q[i] = widen(qt[i]);
+#if FASTETO_X86
+      if (simd) {
+        task_avx512(q.data(), k_all + offset, v_all + offset, groups, lengths[r], dim, scale, scores.data(),
+                    o.data());
+      } else
+#endif
+      {
+        task_scalar(q.data(), k_all + offset, v_all + offset, groups, lengths[r], dim, scale, scores.data(),
+                    o.data());
+      }
+      scalar_t* ot = o_all + t * groups * dim;
+      for (int64_t i = 0; i < groups * dim; ++i) ot[i] = static_cast<scalar_t>(o[i]);
+    }
+  });
+  (void)simd;
+}
+
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& slots, const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(query.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "decode_attention: query [R, H_kv, G, D], keys and values [S, H_kv, C, D]; got ", query.sizes(),
+              ", ", keys.sizes(), ", ", values.sizes());
+  TORCH_CHECK(query.size(1) == keys.size(1) && query.size(3) == keys.size(3),
+              "decode_attention: query and keys disagree on H_kv or D: ", query.sizes(), " vs ", keys.sizes());
+  TORCH_CHECK(query.scalar_type() == keys.scalar_type() && keys.scalar_type() == values.scalar_type(),
+              "decode_attention: query, keys and values must share a dtype");
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "decode_attention: keys and values must be contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && slots.dim() == 1 &&
+                  lengths.dim() == 1 && slots.size(0) == query.size(0) && lengths.size(0) == query.size(0),
+              "decode_attention: slots and lengths must be int64 [R]");
+  const at::Tensor q = query.contiguous(), s = slots.contiguous(), n = lengths.contiguous();
+  const int64_t* sp = s.const_data_ptr<int64_t>();
+  const int64_t* np = n.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < q.size(0); ++r) {
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < keys.size(0), "decode_attention: row ", r, " names slot ", sp[r], " of ",
+                keys.size(0));
+    TORCH_CHECK(np[r] >= 1 && np[r] <= keys.size(2), "decode_attention: row ", r, " has length ", np[r],
+                ", outside 1..", keys.size(2));
+  }
+  at::Tensor out = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "decode_attention: float64 is not supported (float32, bfloat16, float16)");
+    } else {
+      run<scalar_t>(q, keys, values, sp, np, static_cast<float>(scale), out);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fasteto_native, m) {
+  m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor slots, Tensor lengths, float scale) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fasteto_native, CPU, m) { m.impl("decode_attention", &decode_attention); }
+
+}  // namespace fasteto_native
