@@ -25,6 +25,14 @@ def bench_report(request) -> BenchReport:
     return request.config.stash.setdefault(_REPORT, BenchReport())
 
 
+def pytest_sessionstart(session) -> None:
+    """Read the git state before anything runs: the code a long bench measures is the code it loaded at
+    the start, whatever is committed or edited while it runs."""
+    from _common import git_state
+
+    git_state()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     report = config.stash.get(_REPORT, None)
     if report is not None and report.lines:

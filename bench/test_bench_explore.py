@@ -49,7 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 EPISODES, TURNS, REPEATS = (int(x) for x in os.environ.get("FASTETO_BENCH_EXPLORE", "8,10,3").split(","))
 SHARED_ALFWORLD = Path(__file__).resolve().parents[2] / "shared" / "data" / "alfworld"
 MAX_NEW_TOKENS = 48  # the default preset's
-CONTENDERS = ["plain-serial", "plain-batched", "kv", "continuous", "continuous-bf16"]
+ALL_CONTENDERS = ["plain-serial", "plain-batched", "kv", "continuous", "continuous-bf16"]
+# A subset (comma-separated), e.g. to re-measure the engines after a change without the slow plain ones;
+# ratios are printed for the pairs present, and the fp32 token ids are checked against the first fp32 one.
+CONTENDERS = [c for c in os.environ.get("FASTETO_BENCH_CONTENDERS", ",".join(ALL_CONTENDERS)).split(",") if c]
 ENVS = ("sciworld", "alfworld")
 
 
@@ -188,7 +191,8 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
                    "env_seconds": {env: r.env_seconds for env, r in zip(ENVS, reports, strict=True)}}
             if hasattr(engine, "forwards"):
                 floor = floor_seconds(engine, engine.model, bandwidth)
-                row.update(floor_seconds=floor, ceiling_steps_per_s=steps / floor, forwards=engine.forwards)
+                row.update(floor_seconds=floor, ceiling_steps_per_s=steps / floor, forwards=engine.forwards,
+                           attention=engine.attention)
             runs[who].append(row)
             ids.setdefault(who, {(env, key): turns for env, r in zip(ENVS, reports, strict=True)
                                  for key, turns in r.reply_ids.items()})
@@ -199,11 +203,13 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
     finally:
         for env in [e for kept in envs.values() for e in kept]:
             env.env.close()
-    base = ids["plain-batched"]
-    for who in ("plain-serial", "kv", "continuous"):
-        print(who, "token ids equal to plain-batched's:", ids[who] == base)
-    for who in ("plain-serial", "kv", "continuous"):
-        assert ids[who] == base, f"{who}'s greedy token ids differ from plain-batched's"
+    fp32 = [who for who in CONTENDERS if not who.endswith("bf16")]
+    anchor = "plain-batched" if "plain-batched" in fp32 else fp32[0]
+    base = ids[anchor]
+    for who in fp32:
+        print(who, f"token ids equal to {anchor}'s:", ids[who] == base)
+    for who in fp32:
+        assert ids[who] == base, f"{who}'s greedy token ids differ from {anchor}'s"
     median = {who: statistics.median(r["steps_per_s"] for r in rows) for who, rows in runs.items()}
     reply_tokens = [len(r) + 1 for turns in base.values() for r in turns]  # + the end-of-turn token
     for who, rows in runs.items():
@@ -216,10 +222,10 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
             "env_steps_per_s_median": median[who], "env_steps_per_s_min": min(rates),
             "env_steps_per_s_max": max(rates), "seconds_median": statistics.median(r["seconds"] for r in rows),
             "env_seconds": [r["env_seconds"] for r in rows],
-            "token_agreement_vs_plain_fp32": agreement(ids[who], base),
+            "token_agreement_vs_fp32": agreement(ids[who], base), "fp32_anchor": anchor,
             "ceiling_env_steps_per_s_median": statistics.median(ceilings) if ceilings else None,
             "read_bandwidth_gb_per_s": bandwidth / 1e9, "mean_reply_tokens": statistics.mean(reply_tokens),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "attention": rows[0].get("attention"),
         })
 
     def spread(who):
@@ -235,13 +241,17 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
                            ("continuous", "plain-serial", "new engine fp32 vs plain serial"),
                            ("continuous-bf16", "plain-batched", "new engine bf16 vs plain batched"),
                            ("continuous-bf16", "plain-serial", "new engine bf16 vs plain serial")]:
+        if num not in runs or den not in runs:
+            continue
         ratios = [a["steps_per_s"] / b["steps_per_s"] for a, b in zip(runs[num], runs[den], strict=True)]
         lines.append(f"  {what}: {num} / {den} = {median[num] / median[den]:.2f}x "
                      f"(per repeat {min(ratios):.2f}-{max(ratios):.2f})")
-    for who in ("continuous", "continuous-bf16"):
+    for who in [c for c in ("continuous", "continuous-bf16") if c in runs]:
         ceiling = statistics.median(r["ceiling_steps_per_s"] for r in runs[who])
         lines.append(f"  {who}: ceiling {ceiling:.1f} env steps/s (weights + KV read at "
                      f"{bandwidth / 1e9:.0f} GB/s), measured {median[who]:.2f} = {median[who] / ceiling:.0%}")
-    lines.append(f"  bf16 turns with token ids equal to fp32: {agreement(ids['continuous-bf16'], base):.0%} "
-                 f"({device_description('cpu')})")
+    if "continuous-bf16" in ids:
+        lines.append(f"  bf16 turns with token ids equal to fp32 ({anchor}): "
+                     f"{agreement(ids['continuous-bf16'], base):.0%}")
+    lines.append(f"  {device_description('cpu')}")
     bench_report.lines += lines
