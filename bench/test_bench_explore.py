@@ -165,6 +165,10 @@ def agreement(ids: dict, base: dict) -> float:
 def test_explore_sciworld_and_alfworld(benchmark, bench_report):
     if shutil.which("java") is None:
         pytest.skip("ScienceWorld needs Java 17")
+    unknown = set(CONTENDERS) - set(ALL_CONTENDERS)
+    if unknown or all(who.endswith("bf16") for who in CONTENDERS):
+        pytest.fail(f"FASTETO_BENCH_CONTENDERS={','.join(CONTENDERS)}: choose among {', '.join(ALL_CONTENDERS)}, "
+                    "with at least one fp32 contender (its token ids are the reference)")
     from fasteto.envs.alfworld import split_task_ids as alfworld_ids
     from fasteto.envs.sciworld import split_task_ids as sciworld_ids
 
