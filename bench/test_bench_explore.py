@@ -100,7 +100,8 @@ def open_envs(data: Path, per_env: int) -> dict[str, list[Kept]]:
     from fasteto.rollout.env_process import ProcessEnv
 
     envs = {"sciworld": [Kept(make_env("sciworld")) for _ in range(per_env)],
-            "alfworld": [Kept(ProcessEnv(partial(make_env, "alfworld", data=str(data)))) for _ in range(per_env)]}
+            "alfworld": [Kept(ProcessEnv(partial(make_env, "alfworld", data=str(data))))
+                         for _ in range(per_env)]}
     for env in envs["alfworld"]:
         env.prompt  # noqa: B018 (the child builds its environment now)
     return envs
@@ -167,8 +168,9 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
         pytest.skip("ScienceWorld needs Java 17")
     unknown = set(CONTENDERS) - set(ALL_CONTENDERS)
     if unknown or all(who.endswith("bf16") for who in CONTENDERS):
-        pytest.fail(f"FASTETO_BENCH_CONTENDERS={','.join(CONTENDERS)}: choose among {', '.join(ALL_CONTENDERS)}, "
-                    "with at least one fp32 contender (its token ids are the reference)")
+        pytest.fail(f"FASTETO_BENCH_CONTENDERS={','.join(CONTENDERS)}: choose among "
+                    f"{', '.join(ALL_CONTENDERS)}, with at least one fp32 contender (its token ids are the "
+                    "reference)")
     from fasteto.envs.alfworld import split_task_ids as alfworld_ids
     from fasteto.envs.sciworld import split_task_ids as sciworld_ids
 
@@ -221,10 +223,12 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
         ceilings = [r["ceiling_steps_per_s"] for r in rows if "ceiling_steps_per_s" in r]
         record_result("explore", {
             "bench": "explore_sciworld_alfworld_v3", "device": device_description("cpu"),
-            "model": "smollm2-135m", "contender": who, "episodes": EPISODES, "envs": list(ENVS), "turns": TURNS,
+            "model": "smollm2-135m", "contender": who, "episodes": EPISODES, "envs": list(ENVS),
+            "turns": TURNS,
             "max_new_tokens": MAX_NEW_TOKENS, "repeats": len(rows), "env_steps": rows[0]["env_steps"],
             "env_steps_per_s_median": median[who], "env_steps_per_s_min": min(rates),
-            "env_steps_per_s_max": max(rates), "seconds_median": statistics.median(r["seconds"] for r in rows),
+            "env_steps_per_s_max": max(rates),
+            "seconds_median": statistics.median(r["seconds"] for r in rows),
             "env_seconds": [r["env_seconds"] for r in rows],
             "token_agreement_vs_fp32": agreement(ids[who], base), "fp32_anchor": anchor,
             "ceiling_env_steps_per_s_median": statistics.median(ceilings) if ceilings else None,

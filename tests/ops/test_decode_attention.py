@@ -13,7 +13,8 @@ from fasteto.ops.decode_attention.reference import decode_attention as reference
 from fasteto.ops.decode_attention.torch_sdpa import runs
 from fasteto.utils.choices import auto_choices, forget_choices
 
-NATIVE = pytest.mark.skipif(native_backend.unavailable() is not None, reason=str(native_backend.unavailable()))
+NATIVE = pytest.mark.skipif(native_backend.unavailable() is not None,
+                            reason=str(native_backend.unavailable()))
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -23,7 +24,9 @@ def inputs(rows, kv_heads, groups, dim, num_slots, capacity, dtype, seed=0, slot
     keys = torch.randn(num_slots, kv_heads, capacity, dim, generator=g).to(dtype)
     values = torch.randn(num_slots, kv_heads, capacity, dim, generator=g).to(dtype)
     slots = torch.randint(0, num_slots, (rows,), generator=g) if slots is None else torch.tensor(slots)
-    lengths = torch.randint(1, capacity + 1, (rows,), generator=g) if lengths is None else torch.tensor(lengths)
+    if lengths is None:
+        lengths = torch.randint(1, capacity + 1, (rows,), generator=g)
+    lengths = torch.as_tensor(lengths)
     return query, keys, values, slots, lengths
 
 

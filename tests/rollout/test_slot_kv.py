@@ -29,8 +29,8 @@ def reference(query: torch.Tensor, store: SlotStore, step: PackedStep, scale: fl
     return out
 
 
-IMPLS = ["torch", "reference",
-         pytest.param("native", marks=pytest.mark.skipif(unavailable() is not None, reason=str(unavailable())))]
+NATIVE = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
+IMPLS = ["torch", "reference", pytest.param("native", marks=NATIVE)]
 
 
 def test_packed_step_lists_its_decoding_rows_exactly():

@@ -32,7 +32,8 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 def resolve(impl: str, device: torch.device) -> str:
     """The backend ``impl`` runs on ``device``; an explicit one that cannot run raises with the reason."""
     if impl not in DECODE_ATTENTION_IMPLS:
-        raise ValueError(f"decode attention impl must be one of {', '.join(DECODE_ATTENTION_IMPLS)}; got {impl!r}")
+        raise ValueError(f"decode attention impl must be one of {', '.join(DECODE_ATTENTION_IMPLS)}; "
+                         f"got {impl!r}")
     if impl in ("torch", "reference"):
         return impl
     from fasteto.ops.decode_attention import native
