@@ -90,7 +90,11 @@ class EtoLoop:
         if opts.engine == "continuous":
             from fasteto.ops.decode_attention.api import resolve
 
-            resolve(opts.attention, torch.device("cpu"))  # an explicit native without its library stops here
+            try:  # an explicit native without its library stops here
+                resolve(opts.attention, torch.device("cpu"))
+            except RuntimeError as exc:
+                raise ValueError(f"explore.attention {opts.attention}: {exc}; or pass --explore.attention "
+                                 "auto") from None
         if self.cfg.explore.engine == "sglang" and not self.cfg.explore.sglang_url:
             if importlib.util.find_spec("sglang") is None:
                 raise ValueError(f"explore.engine sglang: the sglang package is missing; {INSTALL_HINT}, or "

@@ -241,3 +241,18 @@ def test_the_default_preset_decodes_in_bf16_where_it_can_and_other_engines_keep_
     assert parse_config(["--preset", "small"]).explore.dtype == "model"
     cfg = parse_config(["--explore.engine", "kv"])
     EtoLoop._check_engine(SimpleNamespace(cfg=cfg))  # auto: no refusal, the kv engine runs model.dtype
+
+
+def test_explore_attention_is_refused_before_work_where_it_cannot_run(tmp_path, tiny_model_dir, capsys,
+                                                                       monkeypatch):
+    from fasteto.ops.decode_attention import native
+
+    argv = ["--model.name", str(tiny_model_dir), "--run_dir", str(tmp_path / "run"), "--envs.names",
+            "sciworld", "--explore.engine", "kv", "--explore.attention", "native"]
+    assert main(argv) == 2
+    assert "explore.attention native: only the continuous engine takes it" in capsys.readouterr().err
+    monkeypatch.setattr(native, "unavailable", lambda: "the native library is not built here")
+    argv[argv.index("kv")] = "continuous"
+    assert main(argv) == 2
+    assert "the native library is not built here" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
