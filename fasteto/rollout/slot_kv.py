@@ -18,13 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 
-from fasteto.ops.decode_attention import decode_attention
+from fasteto.ops.decode_attention.api import backend as decode_attention_backend
 
 ATTENTION_NAME = "fasteto_slots"
 
@@ -114,6 +115,11 @@ class PackedStep:
         return cls(store, slots, starts, lengths, token_slot, token_pos, last.to(device), index, decode_slots,
                    seen, attention)
 
+    @cached_property
+    def decode_attention(self):
+        """The ``attention`` backend's function, looked up once per step (not once per layer)."""
+        return decode_attention_backend(self.attention, self.store.device)
+
     @property
     def position_ids(self) -> torch.Tensor:
         """``[1, N]``: RoPE positions of the packed tokens."""
@@ -177,8 +183,7 @@ def _decode(query, keys, values, out, step: PackedStep, scale: float) -> None:
     heads, dim = query.shape[1], query.shape[3]
     r, kv_heads = len(step.decode_index), keys.shape[1]
     q = query[0, :, step.decode_index].transpose(0, 1).reshape(r, kv_heads, heads // kv_heads, dim)
-    o = decode_attention(q.contiguous(), keys, values, step.decode_slots, step.decode_lengths, scale,
-                         impl=step.attention)
+    o = step.decode_attention(q.contiguous(), keys, values, step.decode_slots, step.decode_lengths, scale)
     out[0, step.decode_index] = o.reshape(r, heads, dim)
 
 

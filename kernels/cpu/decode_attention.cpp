@@ -109,7 +109,8 @@ FASTETO_AVX512 inline float softmax_unnormalised_avx512(float* s, int64_t n) {
 
 template <typename scalar_t>
 FASTETO_AVX512 void task_avx512(const float* q, const scalar_t* k, const scalar_t* v, int64_t groups,
-                                int64_t length, int64_t dim, float scale, float* scores, float* out) {
+                                int64_t length, int64_t dim, float scale, float* scores, float* inv,
+                                float* out) {
   const int64_t chunks = dim / 16;
   for (int64_t j = 0; j < length; ++j) {
     __m512 kj[kMaxChunks];
@@ -120,7 +121,6 @@ FASTETO_AVX512 void task_avx512(const float* q, const scalar_t* k, const scalar_
       scores[g * length + j] = scale * hsum(acc);
     }
   }
-  std::vector<float> inv(groups);
   for (int64_t g = 0; g < groups; ++g) inv[g] = 1.f / softmax_unnormalised_avx512(scores + g * length, length);
   std::fill(out, out + groups * dim, 0.f);
   for (int64_t j = 0; j < length; ++j) {
@@ -154,9 +154,9 @@ void run(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& valu
   const scalar_t* k_all = keys.const_data_ptr<scalar_t>();
   const scalar_t* v_all = values.const_data_ptr<scalar_t>();
   scalar_t* o_all = out.data_ptr<scalar_t>();
-  const bool simd = kAvx512 && dim % 16 == 0 && dim <= 256;
+  [[maybe_unused]] const bool simd = kAvx512 && dim % 16 == 0 && dim <= 256;
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(groups * longest), q(groups * dim), o(groups * dim);
+    std::vector<float> scores(groups * longest), q(groups * dim), o(groups * dim), inv(groups);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t / kv_heads, h = t % kv_heads;
       const int64_t offset = (slots[r] * kv_heads + h) * capacity * dim;
@@ -165,7 +165,7 @@ void run(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& valu
 #if FASTETO_X86
       if (simd) {
         task_avx512(q.data(), k_all + offset, v_all + offset, groups, lengths[r], dim, scale, scores.data(),
-                    o.data());
+                    inv.data(), o.data());
       } else
 #endif
       {
@@ -176,7 +176,6 @@ void run(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& valu
       for (int64_t i = 0; i < groups * dim; ++i) ot[i] = static_cast<scalar_t>(o[i]);
     }
   });
-  (void)simd;
 }
 
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,

@@ -26,7 +26,7 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     Returns:
         ``[R, H_kv, G, D]`` in query's dtype.
     """
-    return _backend(impl, query.device)(query, keys, values, slots, lengths, scale)
+    return backend(impl, query.device)(query, keys, values, slots, lengths, scale)
 
 
 def resolve(impl: str, device: torch.device) -> str:
@@ -49,7 +49,9 @@ def resolve(impl: str, device: torch.device) -> str:
     return chosen
 
 
-def _backend(impl: str, device: torch.device):
+def backend(impl: str, device: torch.device):
+    """The function ``impl`` runs on ``device`` (resolved as ``resolve`` does), for callers that make many
+    calls with one choice."""
     chosen = resolve(impl, device)
     if chosen == "native":
         from fasteto.ops.decode_attention.native import decode_attention as run

@@ -4,6 +4,8 @@ accumulation, AVX-512 where the CPU has it. The library is the one the fused log
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fasteto.ops.logprob.native import unavailable
@@ -12,10 +14,15 @@ from fasteto.ops.logprob.native import unavailable
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
                      lengths: torch.Tensor, scale: float) -> torch.Tensor:
     """See ``api.decode_attention``."""
+    return _op()(query, keys, values, slots, lengths, float(scale))
+
+
+@functools.cache  # a decode step calls this once per layer: the library is looked up once per process
+def _op():
     reason = unavailable()
-    if reason is not None:
+    if reason is not None:  # raised, so not cached: a later call looks again
         raise RuntimeError(f"decode attention impl='native' cannot run: {reason}")
-    return torch.ops.fasteto_native.decode_attention(query, keys, values, slots, lengths, float(scale))
+    return torch.ops.fasteto_native.decode_attention
 
 
 __all__ = ["decode_attention", "unavailable"]
