@@ -9,15 +9,19 @@ training loop does) with the same SmolLM2-135M-Instruct, greedily, with the same
   (it re-encodes every conversation every turn);
 - ``kv``: the KV engine, same rounds, KV kept between turns;
 - ``continuous``: the continuous engine, no rounds (rows join and leave the running batch per token
-  step, environments step while the model decodes), fp32;
-- ``continuous-bf16``: the same with bfloat16 weights and KV.
+  step, environments step while the model decodes), fp32, ``F.linear``;
+- ``continuous-onednn``: the same with its linears on weights packed once for oneDNN (fp32: the sums
+  differ from ``F.linear``'s in the last bits);
+- ``continuous-bf16``: bfloat16 weights and KV, packed linears (``auto``: bit-identical in bf16).
 
 So ``plain-batched / plain-serial`` is batching (with the environments of a round stepping in parallel
 threads; their time is recorded apart and bounds that part), ``kv / plain-batched`` is KV reuse,
-``continuous / kv`` is the scheduling (and env overlap), ``continuous-bf16 / continuous`` is the dtype.
+``continuous / kv`` is the scheduling (and env overlap), ``continuous-onednn / continuous`` the packed
+linears, ``continuous-bf16 / continuous-onednn`` the dtype.
 Each repeat runs every contender once, in turn, after one untimed warm-up per engine; the rows record
-the median and the range over repeats. The fp32 contenders must generate the same token ids turn by turn
-as ``plain-batched`` (asserted); for bf16 the share of turns with identical ids is recorded.
+the median and the range over repeats. The exact contenders (the plain ones, ``kv`` and ``continuous``)
+must generate the same token ids turn by turn as ``plain-batched`` (asserted); for ``continuous-onednn``
+and ``continuous-bf16`` the share of turns with identical ids is recorded.
 
 The decode ceiling is printed beside each continuous contender: a token step must at least read the
 weights once (all rows in flight share that read) and every row's keys and values up to its position, so
@@ -49,9 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 EPISODES, TURNS, REPEATS = (int(x) for x in os.environ.get("FASTETO_BENCH_EXPLORE", "8,10,3").split(","))
 SHARED_ALFWORLD = Path(__file__).resolve().parents[2] / "shared" / "data" / "alfworld"
 MAX_NEW_TOKENS = 48  # the default preset's
-ALL_CONTENDERS = ["plain-serial", "plain-batched", "kv", "continuous", "continuous-bf16"]
+ALL_CONTENDERS = ["plain-serial", "plain-batched", "kv", "continuous", "continuous-onednn",
+                  "continuous-bf16"]
+EXACT = ("plain-serial", "plain-batched", "kv", "continuous")  # token ids asserted equal
 # A subset (comma-separated), e.g. to re-measure the engines after a change without the slow plain ones;
-# ratios are printed for the pairs present, and the fp32 token ids are checked against the first fp32 one.
+# ratios are printed for the pairs present, and the exact ones' token ids are checked against the first.
 CONTENDERS = [c for c in os.environ.get("FASTETO_BENCH_CONTENDERS", ",".join(ALL_CONTENDERS)).split(",") if c]
 ENVS = ("sciworld", "alfworld")
 
@@ -118,7 +124,8 @@ def make_engine(who: str, fp32, bf16, tokenizer):
         return TransformersEngine(fp32, tokenizer, batch_size=EPISODES), EPISODES
     if who == "kv":
         return KVCacheEngine(fp32, tokenizer, batch_size=EPISODES), EPISODES
-    return ContinuousEngine(bf16 if who.endswith("bf16") else fp32, tokenizer, slots=EPISODES), EPISODES
+    return ContinuousEngine(bf16 if who.endswith("bf16") else fp32, tokenizer, slots=EPISODES,
+                            linear="onednn" if who == "continuous-onednn" else "auto"), EPISODES
 
 
 def play(engine, concurrency: int, envs: dict[str, list], tasks: dict[str, list[str]], turns: int):
@@ -167,10 +174,10 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
     if shutil.which("java") is None:
         pytest.skip("ScienceWorld needs Java 17")
     unknown = set(CONTENDERS) - set(ALL_CONTENDERS)
-    if unknown or all(who.endswith("bf16") for who in CONTENDERS):
+    if unknown or not set(CONTENDERS) & set(EXACT):
         pytest.fail(f"FASTETO_BENCH_CONTENDERS={','.join(CONTENDERS)}: choose among "
-                    f"{', '.join(ALL_CONTENDERS)}, with at least one fp32 contender (its token ids are the "
-                    "reference)")
+                    f"{', '.join(ALL_CONTENDERS)}, with at least one of {', '.join(EXACT)} (its token ids "
+                    "are the reference)")
     from fasteto.envs.alfworld import split_task_ids as alfworld_ids
     from fasteto.envs.sciworld import split_task_ids as sciworld_ids
 
@@ -198,7 +205,7 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
             if hasattr(engine, "forwards"):
                 floor = floor_seconds(engine, engine.model, bandwidth)
                 row.update(floor_seconds=floor, ceiling_steps_per_s=steps / floor, forwards=engine.forwards,
-                           attention=engine.attention)
+                           attention=engine.attention, linear=engine.linear)
             runs[who].append(row)
             ids.setdefault(who, {(env, key): turns for env, r in zip(ENVS, reports, strict=True)
                                  for key, turns in r.reply_ids.items()})
@@ -209,7 +216,7 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
     finally:
         for env in [e for kept in envs.values() for e in kept]:
             env.env.close()
-    fp32 = [who for who in CONTENDERS if not who.endswith("bf16")]
+    fp32 = [who for who in CONTENDERS if who in EXACT]
     anchor = "plain-batched" if "plain-batched" in fp32 else fp32[0]
     base = ids[anchor]
     for who in fp32:
@@ -234,6 +241,7 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
             "ceiling_env_steps_per_s_median": statistics.median(ceilings) if ceilings else None,
             "read_bandwidth_gb_per_s": bandwidth / 1e9, "mean_reply_tokens": statistics.mean(reply_tokens),
             "torch_threads": torch.get_num_threads(), "attention": rows[0].get("attention"),
+            "linear": rows[0].get("linear"),
         })
 
     def spread(who):
@@ -244,9 +252,13 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
              "repeats, env steps/s median [min-max]: " + ", ".join(f"{w} {spread(w)}" for w in CONTENDERS)]
     for num, den, what in [("plain-batched", "plain-serial", "batching"), ("kv", "plain-batched", "KV reuse"),
                            ("continuous", "kv", "continuous scheduling"),
-                           ("continuous-bf16", "continuous", "bf16"),
+                           ("continuous-onednn", "continuous", "packed linears, fp32"),
+                           ("continuous-bf16", "continuous-onednn", "bf16 (both packed)"),
+                           ("continuous-bf16", "continuous", "bf16 and packed linears"),
                            ("continuous", "plain-batched", "new engine fp32 vs plain batched"),
                            ("continuous", "plain-serial", "new engine fp32 vs plain serial"),
+                           ("continuous-onednn", "plain-batched", "new engine fp32 packed vs plain batched"),
+                           ("continuous-onednn", "plain-serial", "new engine fp32 packed vs plain serial"),
                            ("continuous-bf16", "plain-batched", "new engine bf16 vs plain batched"),
                            ("continuous-bf16", "plain-serial", "new engine bf16 vs plain serial")]:
         if num not in runs or den not in runs:
@@ -254,12 +266,11 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
         ratios = [a["steps_per_s"] / b["steps_per_s"] for a, b in zip(runs[num], runs[den], strict=True)]
         lines.append(f"  {what}: {num} / {den} = {median[num] / median[den]:.2f}x "
                      f"(per repeat {min(ratios):.2f}-{max(ratios):.2f})")
-    for who in [c for c in ("continuous", "continuous-bf16") if c in runs]:
+    for who in [c for c in ("continuous", "continuous-onednn", "continuous-bf16") if c in runs]:
         ceiling = statistics.median(r["ceiling_steps_per_s"] for r in runs[who])
         lines.append(f"  {who}: ceiling {ceiling:.1f} env steps/s (weights + KV read at "
                      f"{bandwidth / 1e9:.0f} GB/s), measured {median[who]:.2f} = {median[who] / ceiling:.0%}")
-    if "continuous-bf16" in ids:
-        lines.append(f"  bf16 turns with token ids equal to fp32 ({anchor}): "
-                     f"{agreement(ids['continuous-bf16'], base):.0%}")
+    for who in [c for c in ("continuous-onednn", "continuous-bf16") if c in ids]:
+        lines.append(f"  {who}: turns with token ids equal to {anchor}'s: {agreement(ids[who], base):.0%}")
     lines.append(f"  {device_description('cpu')}")
     bench_report.lines += lines

@@ -282,6 +282,10 @@ class ExploreConfig:
     attention: typing.Literal["auto", "native", "torch"] = _help(
         "continuous engine's decode attention: native (C++ kernel, CPU), torch (SDPA) or auto (native where "
         "its library is built, else torch)", "auto")
+    linear: typing.Literal["auto", "onednn", "torch"] = _help(
+        "continuous engine's linear layers: onednn (weights packed once per policy, one more copy in "
+        "memory; CPU; in float32 its sums differ from torch's in the last bits), torch (F.linear) or auto "
+        "(onednn for bfloat16 weights on the CPU, where it is bit-identical to torch; else torch)", "auto")
     cache_tokens: int = _help("tokens of KV the kv engine keeps between turns", 65536)
     sglang_url: str | None = _help("a running SGLang server (started with --skip-tokenizer-init) to use "
                                    "instead of starting one in this process", None)

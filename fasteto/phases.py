@@ -85,8 +85,10 @@ class EtoLoop:
         if opts.dtype not in ("model", "auto") and opts.engine != "continuous":
             raise ValueError(f"explore.dtype {opts.dtype}: only the continuous engine takes a dtype of its "
                              f"own; with --explore.engine {opts.engine} set model.dtype instead")
-        if opts.attention != "auto" and opts.engine != "continuous":
-            raise ValueError(f"explore.attention {opts.attention}: only the continuous engine takes it")
+        for option in ("attention", "linear"):
+            if getattr(opts, option) != "auto" and opts.engine != "continuous":
+                raise ValueError(f"explore.{option} {getattr(opts, option)}: only the continuous engine "
+                                 "takes it")
         if opts.engine == "continuous":
             from fasteto.ops.decode_attention.api import resolve
 
@@ -95,6 +97,12 @@ class EtoLoop:
             except RuntimeError as exc:
                 raise ValueError(f"explore.attention {opts.attention}: {exc}; or pass --explore.attention "
                                  "auto") from None
+            from fasteto.rollout import packed_linear
+
+            reason = packed_linear.unavailable(torch.float32, torch.device("cpu"))
+            if opts.linear == "onednn" and reason is not None:
+                raise ValueError(f"explore.linear onednn cannot run: {reason}; pass --explore.linear auto or "
+                                 "torch")
         if self.cfg.explore.engine == "sglang" and not self.cfg.explore.sglang_url:
             if importlib.util.find_spec("sglang") is None:
                 raise ValueError(f"explore.engine sglang: the sglang package is missing; {INSTALL_HINT}, or "
@@ -419,7 +427,8 @@ class EtoLoop:
         if opts.engine == "continuous":
             dtype = engine_dtype(opts.dtype, self.dtype)
             return ContinuousEngine(self._load(policy, dtype), self.tokenizer, slots=opts.concurrency,
-                                    max_context=opts.max_context, attention=opts.attention)
+                                    max_context=opts.max_context, attention=opts.attention,
+                                    linear=opts.linear)
         common = {"batch_size": opts.concurrency, "max_context": opts.max_context}
         if opts.dtype == "auto":
             record_choice("explore.dtype", "model", f"the {opts.engine} engine runs the model's dtype")

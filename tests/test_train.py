@@ -162,6 +162,21 @@ def test_unknown_task_id_is_refused_before_work(tmp_path, tiny_model_dir, capsys
     ]
     assert main(argv) == 2
     assert "envs.train_ids: unknown task ids ['99_1']" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_explore_linear_is_refused_before_work_where_it_cannot_run(tmp_path, tiny_model_dir, capsys,
+                                                                    monkeypatch):
+    from fasteto.rollout import packed_linear
+
+    argv = ["--model.name", str(tiny_model_dir), "--run_dir", str(tmp_path / "run"), "--envs.names",
+            "sciworld", "--explore.engine", "plain", "--explore.linear", "onednn"]
+    assert main(argv) == 2
+    assert "explore.linear onednn: only the continuous engine takes it" in capsys.readouterr().err
+    monkeypatch.setattr(packed_linear, "unavailable", lambda dtype, device: "this torch has no oneDNN")
+    argv[argv.index("plain")] = "continuous"
+    assert main(argv) == 2
+    assert "explore.linear onednn cannot run: this torch has no oneDNN" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 

@@ -23,6 +23,7 @@ seeded per request, so a sample does not depend on which other rows shared its s
 from __future__ import annotations
 
 from collections.abc import Hashable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 
 from fasteto.data.types import Message
 from fasteto.ops.decode_attention.api import resolve as resolve_attention
+from fasteto.rollout import packed_linear
 from fasteto.rollout.engine import (
     GenerationConfig,
     decode_reply,
@@ -79,10 +81,13 @@ class ContinuousEngine:
         max_context: as ``TransformersEngine`` (None: no truncation).
         attention: the decoding rows' attention backend (``fasteto.ops.decode_attention``): ``auto``,
             ``native``, ``torch`` or ``reference``; resolved once here (``auto`` records its choice).
+        linear: the linear layers (``fasteto.rollout.packed_linear``): ``onednn`` (weights packed once per
+            ``update_weights``; one more copy of them in memory), ``torch`` (``F.linear``) or ``auto``
+            (``onednn`` for bf16 weights on the CPU, where it is bit-identical; recorded).
     """
 
     def __init__(self, model: Any, tokenizer: Any, slots: int = 8, max_context: int | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", linear: str = "auto"):
         if slots < 1:
             raise ValueError(f"slots must be ≥ 1, got {slots}")
         self.tokenizer = tokenizer
@@ -95,14 +100,18 @@ class ContinuousEngine:
         self.context_tokens = 0  # slot positions the steps' rows attended to, summed over rows and steps
         self.last_token_ids: list[list[int]] = []  # of the last generate() call, per conversation
         self.attention = resolve_attention(attention, next(model.parameters()).device)
+        self.linear_option = linear
         self.update_weights(model)
 
     def update_weights(self, model: Any) -> None:
-        """Use ``model`` from the next step on; every slot's KV belongs to the old weights and is dropped."""
+        """Use ``model`` from the next step on; every slot's KV belongs to the old weights and is dropped,
+        and the linears are packed again (``onednn``)."""
         self.model = model
+        param = next(model.parameters())
+        self.linear = packed_linear.resolve(self.linear_option, param.dtype, param.device)
+        self.packed = packed_linear.PackedLinears(model, self.num_slots) if self.linear == "onednn" else None
         self.stops = stop_token_ids(self.tokenizer, model)
         layers, heads, dim = kv_shape(model)
-        param = next(model.parameters())
         self.store = SlotStore(layers, self.num_slots, heads, dim, param.dtype, param.device,
                                limit=self.max_context)
         self.owner: list[Hashable | None] = [None] * self.num_slots
@@ -237,7 +246,7 @@ class ContinuousEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with slot_attention(self.model):
+            with slot_attention(self.model), self.packed.routed() if self.packed else nullcontext():
                 out = self.model(input_ids=ids[None], position_ids=step.position_ids, cache=step,
                                  use_cache=True, slot_step=step, logits_to_keep=step.last)
         finally:

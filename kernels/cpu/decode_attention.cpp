@@ -107,10 +107,124 @@ FASTETO_AVX512 inline float softmax_unnormalised_avx512(float* s, int64_t n) {
   return hsum(acc);
 }
 
+// Positions [j0, j0 + n) of x [*, dim] as float32: x itself for float32, else widened into buf [n * dim].
+template <typename scalar_t>
+FASTETO_AVX512 inline const float* widened(const scalar_t* x, int64_t n, int64_t dim, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    for (int64_t i = 0; i < n * dim; i += 16) _mm512_storeu_ps(buf + i, load16(x + i));
+    return buf;
+  }
+}
+
+// Lane i of the result is the sum of a[i]'s 16 lanes: a 16 x 16 transpose-and-add in 45 shuffles and adds,
+// against 16 horizontal sums of 8 steps each.
+FASTETO_AVX512 inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's sum for 4 sources
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i) {  // 128-bit lanes: [c0 L0+L1, c0 L2+L3, c1 L0+L1, c1 L2+L3]
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+// Scores of 16 positions at a time per query head: one accumulator per position, then one reduce16. The
+// block's keys are widened once for all G heads.
+template <int64_t kChunks, typename scalar_t>
+FASTETO_AVX512 void scores_blocked(const float* q, const scalar_t* k, int64_t groups, int64_t length, float scale,
+                                   float* scores) {
+  constexpr int64_t dim = kChunks * 16;
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < length; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, length - j0);
+    float buf[16 * dim];
+    const float* kb = widened(k + j0 * dim, n, dim, buf);
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 qg[kChunks];
+      for (int64_t c = 0; c < kChunks; ++c) qg[c] = _mm512_loadu_ps(q + g * dim + c * 16);
+      __m512 acc[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        acc[i] = _mm512_setzero_ps();
+        if (i < n) {
+          for (int64_t c = 0; c < kChunks; ++c) {
+            acc[i] = _mm512_fmadd_ps(qg[c], _mm512_loadu_ps(kb + i * dim + c * 16), acc[i]);
+          }
+        }
+      }
+      _mm512_mask_storeu_ps(scores + g * length + j0, vec::tail_mask(n), _mm512_mul_ps(s, reduce16(acc)));
+    }
+  }
+}
+
+// out[g] = inv[g] * sum_j p[g, j] v[j], values read in blocks of 32 positions (widened once, kept in L1 for
+// the G heads),
+// the G outputs accumulated in registers, two accumulator sets to hide the FMA latency.
+template <int64_t kChunks, typename scalar_t>
+FASTETO_AVX512 void values_blocked(const float* p, const scalar_t* v, int64_t groups, int64_t length,
+                                   const float* inv, float* out) {
+  constexpr int64_t dim = kChunks * 16, kBlock = 32;
+  std::fill(out, out + groups * dim, 0.f);
+  float buf[kBlock * dim];
+  for (int64_t j0 = 0; j0 < length; j0 += kBlock) {
+    const int64_t n = std::min<int64_t>(kBlock, length - j0);
+    const float* vb = widened(v + j0 * dim, n, dim, buf);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* pg = p + g * length + j0;
+      __m512 even[kChunks], odd[kChunks];
+      for (int64_t c = 0; c < kChunks; ++c) {
+        even[c] = _mm512_loadu_ps(out + g * dim + c * 16);
+        odd[c] = _mm512_setzero_ps();
+      }
+      int64_t j = 0;
+      for (; j + 1 < n; j += 2) {
+        const __m512 p0 = _mm512_set1_ps(pg[j]), p1 = _mm512_set1_ps(pg[j + 1]);
+        for (int64_t c = 0; c < kChunks; ++c) {
+          even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vb + j * dim + c * 16), even[c]);
+          odd[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(vb + (j + 1) * dim + c * 16), odd[c]);
+        }
+      }
+      if (j < n) {
+        const __m512 p0 = _mm512_set1_ps(pg[j]);
+        for (int64_t c = 0; c < kChunks; ++c) {
+          even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vb + j * dim + c * 16), even[c]);
+        }
+      }
+      for (int64_t c = 0; c < kChunks; ++c) _mm512_storeu_ps(out + g * dim + c * 16, _mm512_add_ps(even[c], odd[c]));
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 s = _mm512_set1_ps(inv[g]);
+    for (int64_t c = 0; c < kChunks; ++c) {
+      float* o = out + g * dim + c * 16;
+      _mm512_storeu_ps(o, _mm512_mul_ps(s, _mm512_loadu_ps(o)));
+    }
+  }
+}
+
+// One (row, kv head) task with D = 16 * kChunks fixed at compile time (64 and 128: the common head sizes).
+template <int64_t kChunks, typename scalar_t>
+FASTETO_AVX512 void task_blocked(const float* q, const scalar_t* k, const scalar_t* v, int64_t groups,
+                                 int64_t length, float scale, float* scores, float* inv, float* out) {
+  scores_blocked<kChunks>(q, k, groups, length, scale, scores);
+  for (int64_t g = 0; g < groups; ++g) inv[g] = 1.f / softmax_unnormalised_avx512(scores + g * length, length);
+  values_blocked<kChunks>(scores, v, groups, length, inv, out);
+}
+
+// Any D that is a multiple of 16 (at most 256): one horizontal sum per position and query head.
 template <typename scalar_t>
 FASTETO_AVX512 void task_avx512(const float* q, const scalar_t* k, const scalar_t* v, int64_t groups,
                                 int64_t length, int64_t dim, float scale, float* scores, float* inv,
                                 float* out) {
+  if (dim == 64) return task_blocked<4>(q, k, v, groups, length, scale, scores, inv, out);
+  if (dim == 128) return task_blocked<8>(q, k, v, groups, length, scale, scores, inv, out);
   const int64_t chunks = dim / 16;
   for (int64_t j = 0; j < length; ++j) {
     __m512 kj[kMaxChunks];
