@@ -11,8 +11,13 @@
 // (max, exp, sum), then reads its values once, accumulating the G outputs in float32. So each slot
 // position is read exactly once per layer, however many query heads share it, and no row reads
 // positions past its own length (the padded batch of torch's SDPA reads up to the longest row).
-// Half-precision keys and values are widened to float32 in registers; output is written in the query's
-// dtype. AVX-512 when the CPU has it and D is a multiple of 16 (at most 256), else scalar C++.
+// Half-precision keys and values are widened to float32 (once per block of positions, for all G heads);
+// output is written in the query's dtype. Paths, chosen at run time:
+// - D = 64 or 128 with AVX-512: positions in blocks, 16 scores per query head summed by one 16 x 16
+//   transpose-and-add instead of 16 horizontal sums; with AVX-512 BF16 and bf16 inputs the scores come
+//   from vdpbf16ps straight off the bf16 keys (exact products, float32 sums);
+// - other D that are multiples of 16 (at most 256) with AVX-512: one horizontal sum per score;
+// - anything else: scalar C++.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -209,22 +214,62 @@ FASTETO_AVX512 void values_blocked(const float* p, const scalar_t* v, int64_t gr
   }
 }
 
+#define FASTETO_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+const bool kAvx512Bf16 = kAvx512 && __builtin_cpu_supports("avx512bf16");
+
+// scores_blocked for bf16 queries and keys on CPUs with AVX-512 BF16: vdpbf16ps multiplies 32 bf16 pairs
+// (exact products) into 16 float32 sums, so keys are neither widened nor converted.
+template <int64_t kChunks>
+FASTETO_AVX512_BF16 void scores_bf16(const c10::BFloat16* q, const c10::BFloat16* k, int64_t groups,
+                                     int64_t length, float scale, float* scores) {
+  constexpr int64_t dim = kChunks * 16, kPairs = kChunks / 2;
+  static_assert(kChunks % 2 == 0, "D must be a multiple of 32");
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < length; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, length - j0);
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512bh qg[kPairs];
+      for (int64_t c = 0; c < kPairs; ++c) qg[c] = (__m512bh)_mm512_loadu_si512(q + g * dim + c * 32);
+      __m512 acc[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        acc[i] = _mm512_setzero_ps();
+        if (i < n) {
+          for (int64_t c = 0; c < kPairs; ++c) {
+            acc[i] = _mm512_dpbf16_ps(acc[i], qg[c], (__m512bh)_mm512_loadu_si512(k + (j0 + i) * dim + c * 32));
+          }
+        }
+      }
+      _mm512_mask_storeu_ps(scores + g * length + j0, vec::tail_mask(n), _mm512_mul_ps(s, reduce16(acc)));
+    }
+  }
+}
+
 // One (row, kv head) task with D = 16 * kChunks fixed at compile time (64 and 128: the common head sizes).
+// q: the query widened to float32, q_raw: as given.
 template <int64_t kChunks, typename scalar_t>
-FASTETO_AVX512 void task_blocked(const float* q, const scalar_t* k, const scalar_t* v, int64_t groups,
-                                 int64_t length, float scale, float* scores, float* inv, float* out) {
-  scores_blocked<kChunks>(q, k, groups, length, scale, scores);
+FASTETO_AVX512 void task_blocked(const float* q, const scalar_t* q_raw, const scalar_t* k, const scalar_t* v,
+                                 int64_t groups, int64_t length, float scale, float* scores, float* inv,
+                                 float* out) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (kAvx512Bf16) {
+      scores_bf16<kChunks>(q_raw, k, groups, length, scale, scores);
+    } else {
+      scores_blocked<kChunks>(q, k, groups, length, scale, scores);
+    }
+  } else {
+    scores_blocked<kChunks>(q, k, groups, length, scale, scores);
+  }
   for (int64_t g = 0; g < groups; ++g) inv[g] = 1.f / softmax_unnormalised_avx512(scores + g * length, length);
   values_blocked<kChunks>(scores, v, groups, length, inv, out);
 }
 
 // Any D that is a multiple of 16 (at most 256): one horizontal sum per position and query head.
 template <typename scalar_t>
-FASTETO_AVX512 void task_avx512(const float* q, const scalar_t* k, const scalar_t* v, int64_t groups,
-                                int64_t length, int64_t dim, float scale, float* scores, float* inv,
-                                float* out) {
-  if (dim == 64) return task_blocked<4>(q, k, v, groups, length, scale, scores, inv, out);
-  if (dim == 128) return task_blocked<8>(q, k, v, groups, length, scale, scores, inv, out);
+FASTETO_AVX512 void task_avx512(const float* q, const scalar_t* q_raw, const scalar_t* k, const scalar_t* v,
+                                int64_t groups, int64_t length, int64_t dim, float scale, float* scores,
+                                float* inv, float* out) {
+  if (dim == 64) return task_blocked<4>(q, q_raw, k, v, groups, length, scale, scores, inv, out);
+  if (dim == 128) return task_blocked<8>(q, q_raw, k, v, groups, length, scale, scores, inv, out);
   const int64_t chunks = dim / 16;
   for (int64_t j = 0; j < length; ++j) {
     __m512 kj[kMaxChunks];
@@ -278,7 +323,7 @@ void run(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& valu
       for (int64_t i = 0; i < groups * dim; ++i) q[i] = widen(qt[i]);
 #if FASTETO_X86
       if (simd) {
-        task_avx512(q.data(), k_all + offset, v_all + offset, groups, lengths[r], dim, scale, scores.data(),
+        task_avx512(q.data(), qt, k_all + offset, v_all + offset, groups, lengths[r], dim, scale, scores.data(),
                     inv.data(), o.data());
       } else
 #endif
