@@ -48,5 +48,7 @@ fi
 case "$job" in
   main) exec "$venv/bin/python" -m fasteto.train "$@" ;;
   test) exec "$venv/bin/python" -m pytest "$@" ;;
-  bench) exec "$venv/bin/python" -m pytest bench/ "$@" ;;
+  bench)  # all of bench/, unless a file or folder is named
+    for arg in "$@"; do [ -e "${arg%%::*}" ] && exec "$venv/bin/python" -m pytest "$@"; done
+    exec "$venv/bin/python" -m pytest bench/ "$@" ;;
 esac
