@@ -249,6 +249,8 @@ class DPOConfig(TrainerOptions):
     beta: list[float] = _help("DPO beta of iteration 1, 2, ... (the last repeats)",
                               factory=lambda: [0.1, 0.5])
     loss: typing.Literal["sigmoid", "ipo", "sigmoid_norm", "hinge"] = _help("preference loss", "sigmoid")
+    sft_weight: float = _help("adds this times the chosen side's mean per-token NLL to the loss (RPO, "
+                              "Pang et al. 2024; keeps the expert's likelihood up); ETO: 0", 0.0)
     epochs: int = _help("epochs per iteration", 3)
     global_batch: int = _help("pairs per optimizer step", 32)
     micro_batch: int = _help("plain trainer: pairs per forward pass", 1)

@@ -47,23 +47,30 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+def _differences(old: Any, new: Any, prefix: str = "", defaults: Any = None) -> list[str]:
+    """What differs between two configs; an option ``old`` lacks (added since that folder was made) counts
+    only where ``new`` sets it away from its default in ``defaults``."""
     if isinstance(old, dict) and isinstance(new, dict):
-        keys = list(dict.fromkeys([*old, *new]))
-        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+        defaults = defaults if isinstance(defaults, dict) else {}
+        keys = [k for k in dict.fromkeys([*old, *new])
+                if k in old or k not in defaults or new.get(k) != defaults[k]]
+        return [d for k in keys
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.", defaults.get(k))]
     return [] if old == new else [f"{prefix.rstrip('.')} is {old!r} there, {new!r} here"]
 
 
 class RunFolder:
-    """One run's folder. Opening it with a config different from the one it was made with is an error."""
+    """One run's folder. Opening it with a config different from the one it was made with is an error;
+    ``defaults`` (the config dataclass's, as a dict) lets a folder made before an option existed resume
+    while that option stays at its default."""
 
-    def __init__(self, path: str | Path, config: dict[str, Any]):
+    def __init__(self, path: str | Path, config: dict[str, Any], defaults: dict[str, Any] | None = None):
         self.path = Path(path)
         self.config = config
         config_file = self.path / "config.json"
         if config_file.exists():
             old = json.loads(config_file.read_text())
-            if diffs := _differences(old, config):
+            if diffs := _differences(old, config, defaults=defaults):
                 raise RunFolderError(
                     f"run folder {self.path} was made with a different config ({'; '.join(diffs[:5])}). "
                     "Rerun with the same options to resume it, or pass another --run_dir."

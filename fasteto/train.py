@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop = EtoLoop(cfg)
         loop.prepare()  # every check that can fail, before the run folder is touched
-        run = RunFolder(cfg.run_dir, to_dict(cfg))
+        run = RunFolder(cfg.run_dir, to_dict(cfg), defaults=to_dict(type(cfg)()))
     except (RunFolderError, EnvSetupError, ValueError) as exc:
         print(f"fasteto.train: error: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from fasteto.ops.decode_attention import decode_attention
 from fasteto.ops.logprob import fused_token_logprobs
 from fasteto.ops.losses import (
     PREFERENCE_LOSSES,
+    chosen_nll_term,
     dpo_sigmoid_loss,
     dpo_sigmoid_norm_loss,
     hinge_loss,
@@ -34,6 +35,7 @@ from fasteto.ops.tree_attention import TreeAttentionMeta, tree_attention, tree_a
 __all__ = [
     "PREFERENCE_LOSSES",
     "TreeAttentionMeta",
+    "chosen_nll_term",
     "decode_attention",
     "dpo_sigmoid_loss",
     "dpo_sigmoid_norm_loss",

@@ -137,3 +137,18 @@ def preference_loss(
     if name == "hinge":
         return hinge_loss(pol_c, pol_r, ref_c, ref_r, beta)
     raise ValueError(f"unknown preference loss {name!r}: choose one of {', '.join(PREFERENCE_LOSSES)}")
+
+
+def chosen_nll_term(loss: torch.Tensor, metrics: Metrics, pol_c: torch.Tensor, n_c: torch.Tensor,
+                    weight: float) -> tuple[torch.Tensor, Metrics]:
+    """A preference loss plus ``weight`` times the chosen side's negative log-likelihood per model token
+    (RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733):
+
+    loss + weight · mean_i(−π_c[i] / n_c[i])
+
+    It keeps the chosen (expert) continuation likely while the pair's margin grows; DPO alone can lower
+    both sides. Args: ``loss`` and ``metrics`` from ``preference_loss``; ``pol_c`` ``[N]`` summed chosen
+    log-probs; ``n_c`` ``[N]`` their model-token counts; ``weight`` ≥ 0. Adds metric ``nll/chosen`` (the
+    mean NLL per token, before the weight)."""
+    nll = (-pol_c.float() / n_c.float()).mean()
+    return loss + weight * nll, {**metrics, "nll/chosen": nll.detach()}

@@ -31,6 +31,7 @@ class TrainConfig(BackendOptions):
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still reported)
     beta: float = _DPO.beta[0]  # DPO β
     loss: Loss = _DPO.loss  # see losses.PREFERENCE_LOSSES
+    sft_weight: float = _DPO.sft_weight  # DPO: + sft_weight x mean over pairs of chosen NLL per model token
     seed: int = 0
     bf16: bool | str = "auto"  # "auto": autocast bf16 only on CUDA with bf16; True: also on CPU
     pad_id: int = 0  # plain trainer: any valid id; padding is masked out of attention and loss
@@ -59,6 +60,7 @@ class TrainConfig(BackendOptions):
         lr = options.lr[min(iteration, len(options.lr)) - 1]
         beta = options.beta[min(iteration, len(options.beta)) - 1]
         return cls(**{**_backend(options), "lr": lr, "beta": beta, "loss": options.loss,
+                      "sft_weight": options.sft_weight,
                       "epochs": options.epochs, "global_batch": options.global_batch,
                       "micro_batch": options.micro_batch, "warmup_ratio": options.warmup_ratio,
                       "schedule": "constant", **overrides})
@@ -72,6 +74,8 @@ class TrainConfig(BackendOptions):
                                  f"got {getattr(self, f.name)!r}")
         if self.bf16 not in (True, False, "auto"):
             raise ValueError(f"bf16 must be True, False or 'auto', got {self.bf16!r}")
+        if not self.sft_weight >= 0:
+            raise ValueError(f"sft_weight must be ≥ 0, got {self.sft_weight}")
         if self.global_batch < 1:
             raise ValueError(f"global_batch must be ≥ 1, got {self.global_batch}")
         if self.trainer == "plain" and (self.micro_batch < 1 or self.global_batch % self.micro_batch):

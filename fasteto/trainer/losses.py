@@ -8,6 +8,7 @@ import torch
 from fasteto.ops.losses import (  # noqa: F401  (the trainer's loss names)
     PREFERENCE_LOSSES,
     Metrics,
+    chosen_nll_term,
     dpo_sigmoid_loss,
     dpo_sigmoid_norm_loss,
     hinge_loss,

@@ -37,7 +37,7 @@ from fasteto.trainer.config import TrainConfig
 from fasteto.trainer.distributed import is_sharded
 from fasteto.trainer.logprobs import model_device, sequence_logps, token_logps
 from fasteto.trainer.loop import MicroResult, OnStep, Stage, run_stage
-from fasteto.trainer.losses import preference_loss, sft_loss
+from fasteto.trainer.losses import chosen_nll_term, preference_loss, sft_loss
 
 RefLogps = dict[int, tuple[float, float]]  # pair index -> (chosen, rejected) reference log-prob sums
 
@@ -173,6 +173,8 @@ def _dpo_loss(cfg: TrainConfig, ref_logps: RefLogps, idx: list[int],
     (pol_c, pol_r), (n_c, n_r) = policy, n_tokens
     ref = torch.tensor([ref_logps[i] for i in idx], dtype=torch.float32, device=pol_c.device)
     loss, metrics = preference_loss(cfg.loss, pol_c, pol_r, ref[:, 0], ref[:, 1], cfg.beta, n_c, n_r)
+    if cfg.sft_weight:
+        loss, metrics = chosen_nll_term(loss, metrics, pol_c, n_c, cfg.sft_weight)
     weight = len(idx) / global_pairs
     out = {k: v.item() * weight for k, v in metrics.items()}
     out["logps/chosen"] = pol_c.detach().mean().item() * weight

@@ -101,11 +101,13 @@ def test_stage_configs_come_from_the_run_options() -> None:
     assert (sft.lr, sft.epochs, sft.trainer, sft.logprob_impl, sft.warmup_ratio, sft.schedule, sft.seed) == (
         1e-3, 5, "plain", "reference", 0.5, "cosine", 7)
     options = DPOConfig(lr=[3e-6, 2e-6, 1e-6], beta=[0.2], loss="ipo", token_budget=100,
-                        gradient_checkpointing=True)
+                        gradient_checkpointing=True, sft_weight=0.25)
     for k, lr in ((1, 3e-6), (3, 1e-6), (9, 1e-6)):  # the last value repeats
         d = TrainConfig.dpo(k, options, global_batch=4)
-        got = (d.lr, d.beta, d.loss, d.token_budget, d.gradient_checkpointing, d.schedule, d.global_batch)
-        assert got == (lr, 0.2, "ipo", 100, True, "constant", 4)
+        got = (d.lr, d.beta, d.loss, d.token_budget, d.gradient_checkpointing, d.schedule, d.global_batch,
+               d.sft_weight)
+        assert got == (lr, 0.2, "ipo", 100, True, "constant", 4, 0.25)
+    assert TrainConfig.dpo(1).sft_weight == 0.0  # ETO's DPO has no NLL term
     with pytest.raises(ValueError, match="1-based"):
         TrainConfig.dpo(0)
 
@@ -134,6 +136,8 @@ def test_config_presets_and_validation() -> None:
         ({"logprob_impl": "cuda"}, "logprob_impl must be one of 'auto', 'triton'.*got 'cuda'"),
         ({"loss": "kto"}, "loss must be one of 'sigmoid', 'ipo', 'sigmoid_norm', 'hinge', got 'kto'"),
         ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be True or False"),
+        ({"sft_weight": -0.1}, "sft_weight must be ≥ 0, got -0.1"),
+        ({"sft_weight": float("nan")}, "sft_weight must be ≥ 0, got nan"),
     ):
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad).validate()

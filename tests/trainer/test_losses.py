@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fasteto.trainer.losses import (
+    chosen_nll_term,
     dpo_sigmoid_loss,
     dpo_sigmoid_norm_loss,
     hinge_loss,
@@ -111,6 +112,21 @@ def test_length_normalised_by_hand() -> None:
     assert loss3.item() == pytest.approx(9.0)  # (2 − 5)²
     with pytest.raises(ValueError, match="unknown preference loss 'kto'"):
         preference_loss("kto", _t([-3.0]), _t([-5.0]), _t([-4.0]), _t([-4.0]), BETA, n_c, n_r)
+
+
+def test_chosen_nll_term_by_hand() -> None:
+    # the two pairs above, n_c = (2, 3): NLL per token 3/2 = 1.5 and 6/3 = 2 → mean 1.75
+    #   sigmoid loss (0.598139 + 0.744397) / 2 = 0.671268; with weight 0.5: 0.671268 + 0.875 = 1.546268
+    #   d/dπ_c: sigmoid part −β·σ(−margin_i)/2; NLL part 0.5 · (−1/n_c)/2 = −1/8 and −1/12
+    pol_c = _t(POL_C, grad=True)
+    loss, m = dpo_sigmoid_loss(pol_c, _t(POL_R), _t(REF_C), _t(REF_R), BETA)
+    total, m2 = chosen_nll_term(loss, m, pol_c, torch.tensor([2, 3]), 0.5)
+    assert total.item() == pytest.approx(0.671268 + 0.875, abs=1e-6)
+    assert m2["nll/chosen"].item() == pytest.approx(1.75) and m2["rewards/margin"] is m["rewards/margin"]
+    total.backward()
+    sig = [1 / (1 + math.exp(0.2)), 1 / (1 + math.exp(-0.1))]  # σ(−margin) of each pair
+    expected = [-BETA * sig[0] / 2 - 1 / 8, -BETA * sig[1] / 2 - 1 / 12]
+    assert pol_c.grad.tolist() == pytest.approx(expected, abs=1e-6)
 
 
 # SFT, vocabulary of 2. Row [a, ln 3] gives probabilities (1/4, 3/4) for tokens (0, 1) whatever a is

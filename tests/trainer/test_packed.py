@@ -316,6 +316,12 @@ def test_train_dpo_fast_equals_plain(loss: str) -> None:
     assert_same_run(run_both("dpo", lambda: tiny_model("qwen2"), loss=loss))
 
 
+def test_train_dpo_with_a_chosen_nll_term_fast_equals_plain() -> None:
+    runs = run_both("dpo", lambda: tiny_model("qwen2"), sft_weight=0.5)
+    assert_same_run(runs)
+    assert all(h["nll/chosen"] > 0 for h in runs["plain"][0])
+
+
 def test_train_sft_fast_equals_plain() -> None:
     assert_same_run(run_both("sft", lambda: tiny_model("mistral")))
 
