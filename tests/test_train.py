@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from types import SimpleNamespace
 
@@ -165,21 +166,6 @@ def test_unknown_task_id_is_refused_before_work(tmp_path, tiny_model_dir, capsys
     assert not (tmp_path / "run").exists()
 
 
-def test_explore_linear_is_refused_before_work_where_it_cannot_run(tmp_path, tiny_model_dir, capsys,
-                                                                    monkeypatch):
-    from fasteto.rollout import packed_linear
-
-    argv = ["--model.name", str(tiny_model_dir), "--run_dir", str(tmp_path / "run"), "--envs.names",
-            "sciworld", "--explore.engine", "plain", "--explore.linear", "onednn"]
-    assert main(argv) == 2
-    assert "explore.linear onednn: only the continuous engine takes it" in capsys.readouterr().err
-    monkeypatch.setattr(packed_linear, "unavailable", lambda dtype, device: "this torch has no oneDNN")
-    argv[argv.index("plain")] = "continuous"
-    assert main(argv) == 2
-    assert "explore.linear onednn cannot run: this torch has no oneDNN" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()  # refused before the run folder was made
-
-
 def test_batch_sizes_fit_small_data_and_divide():
     from fasteto.phases import batch_sizes
 
@@ -258,16 +244,19 @@ def test_the_default_preset_decodes_in_bf16_where_it_can_and_other_engines_keep_
     EtoLoop._check_engine(SimpleNamespace(cfg=cfg))  # auto: no refusal, the kv engine runs model.dtype
 
 
-def test_explore_attention_is_refused_before_work_where_it_cannot_run(tmp_path, tiny_model_dir, capsys,
-                                                                       monkeypatch):
-    from fasteto.ops.decode_attention import native
-
+@pytest.mark.parametrize("option,value,other_engine,module", [
+    ("attention", "native", "kv", "fasteto.ops.decode_attention.native"),
+    ("linear", "onednn", "plain", "fasteto.rollout.packed_linear"),
+])
+def test_explore_backend_is_refused_before_work_where_it_cannot_run(option, value, other_engine, module,
+                                                                     tmp_path, tiny_model_dir, capsys,
+                                                                     monkeypatch):
     argv = ["--model.name", str(tiny_model_dir), "--run_dir", str(tmp_path / "run"), "--envs.names",
-            "sciworld", "--explore.engine", "kv", "--explore.attention", "native"]
+            "sciworld", "--explore.engine", other_engine, f"--explore.{option}", value]
     assert main(argv) == 2
-    assert "explore.attention native: only the continuous engine takes it" in capsys.readouterr().err
-    monkeypatch.setattr(native, "unavailable", lambda: "the native library is not built here")
-    argv[argv.index("kv")] = "continuous"
+    assert f"explore.{option} {value}: only the continuous engine takes it" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.import_module(module), "unavailable", lambda *args: "it is missing here")
+    argv[argv.index(other_engine)] = "continuous"
     assert main(argv) == 2
-    assert "the native library is not built here" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    assert f"explore.{option} {value}" in (err := capsys.readouterr().err) and "it is missing here" in err
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
