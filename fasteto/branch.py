@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fasteto.config import RunConfig, to_dict
 from fasteto.report import read_metrics
 from fasteto.utils.io import atomic_write_json, atomic_write_text
 
@@ -39,15 +40,18 @@ def _kind(phase: str) -> str:
     return phase.split("-", 1)[0]
 
 
-def _set(config: dict, dotted: str, value: Any) -> None:
+def _set(config: dict, dotted: str, value: Any, defaults: dict) -> None:
+    """Set ``dotted`` in ``config``; an option the run's config.json lacks may be set when this version
+    of fasteto has it (``defaults``: the current config's), as one added since the run was made."""
     *parents, leaf = dotted.split(".")
-    node = config
+    node, known = config, defaults
     for key in parents:
         if not isinstance(node.get(key), dict):
             raise BranchError(f"option {dotted!r}: {key!r} is not an option group of this run's config")
-        node = node[key]
-    if leaf not in node:
-        raise BranchError(f"option {dotted!r}: no such option in this run's config.json")
+        node, known = node[key], known.get(key) if isinstance(known, dict) else None
+    if leaf not in node and not (isinstance(known, dict) and leaf in known):
+        raise BranchError(f"option {dotted!r}: no such option in this run's config.json, nor in this "
+                          "version of fasteto")
     node[leaf] = value
 
 
@@ -109,8 +113,9 @@ def branch(src: str | Path, dst: str | Path, keep_through: str, changes: dict[st
     kept, dropped = done[:done.index(keep_through) + 1], done[done.index(keep_through) + 1:]
     _check_changes(kept, changes, config)
     new_config = copy.deepcopy(config)
+    defaults = to_dict(RunConfig())
     for dotted, value in changes.items():
-        _set(new_config, dotted, value)
+        _set(new_config, dotted, value, defaults)
     new_config["run_dir"] = str(dst)
 
     tmp = dst.with_name(dst.name + ".tmp")

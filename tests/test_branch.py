@@ -54,6 +54,13 @@ def test_branch_keeps_through_pairs_and_changes_dpo_lr(tmp_path):
     assert _files(src)[-1] == "summary.json"  # the source is untouched
 
 
+def test_branch_may_set_an_option_added_since_the_run_was_made(tmp_path):
+    src, config = _run_folder(tmp_path)  # its dpo group predates dpo.sft_weight
+    dst = tmp_path / "runs" / "rpo"
+    branch(src, dst, "pairs-1", {"dpo.sft_weight": 1.0})
+    assert json.loads((dst / "config.json").read_text())["dpo"] == {**config["dpo"], "sft_weight": 1.0}
+
+
 def test_branch_for_rft_drops_the_pairs_and_keeps_the_explorations(tmp_path):
     src, _ = _run_folder(tmp_path)
     dst = tmp_path / "rft"
@@ -67,7 +74,8 @@ def test_branch_for_rft_drops_the_pairs_and_keeps_the_explorations(tmp_path):
     ("explore-1", {"explore.max_steps": 20}, "changes what the kept phase"),
     ("explore-1", {"mode": "self-play"}, "changes what the kept phase 'explore-1' made"),
     ("dpo-2", {}, "has not finished phase 'dpo-2'"),
-    ("pairs-1", {"dpo.nope": 1}, "no such option"),
+    ("pairs-1", {"dpo.nope": 1}, "no such option in this run's config.json, nor in this version"),
+    ("pairs-1", {"nope.lr": 1}, "'nope' is not an option group"),
 ])
 def test_branch_refusals_name_the_phase_or_option(tmp_path, keep, changes, message):
     src, _ = _run_folder(tmp_path)
