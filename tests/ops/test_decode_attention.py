@@ -66,6 +66,13 @@ def test_native_reads_no_position_past_a_rows_length():
     assert torch.equal(before, after)
 
 
+@NATIVE
+def test_native_op_has_a_fake_and_a_schema():
+    """torch.library's consistency checks of the C++ op called directly (schema, fake vs real, compile)."""
+    args = inputs(4, 2, 3, 64, num_slots=3, capacity=21, dtype=torch.bfloat16, seed=2)
+    torch.library.opcheck(torch.ops.fasteto_native.decode_attention.default, (*args, 0.125))
+
+
 def test_torch_backend_groups_consecutive_slots_into_runs():
     found = [(rows.tolist(), first, longest, None if mask is None else mask[:, 0, 0].tolist())
              for rows, first, longest, mask in runs([3, 0, 1, 5, 6], [11, 5, 8, 2, 2], torch.device("cpu"))]

@@ -73,6 +73,10 @@ def _register_fakes() -> None:
         grad_bias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
         return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
 
+    @torch.library.register_fake("fasteto_native::decode_attention")  # kernels/cpu/decode_attention.cpp
+    def _(query, keys, values, slots, lengths, scale):
+        return torch.empty_like(query, memory_format=torch.contiguous_format)
+
 
 def _ops():
     reason = unavailable()
