@@ -46,6 +46,32 @@ def test_default_expert_replays_gt_traj_to_a_win(alfworld_env, alfworld_data, ta
     assert not any("You arrive at loc" in m["value"] for m in conv)
 
 
+def test_parse_cache_leaves_every_observation_unchanged(alfworld_env, alfworld_data):
+    """Each game's shipped expert actions plus actions that fail, played with TextWorld's own parsing
+    and with the cache: the same observations, rewards and ends."""
+    from fasteto.envs import textworld_parse_cache
+
+    def play():
+        seen = []
+        for task_id in GAMES:
+            seen.append(alfworld_env.reset(task_id))
+            shipped = read_gt_traj(alfworld_data / "json_2.1.1" / "train" / task_id / "gt_traj.json")
+            for action in ["look", "inventory", "take sky 1 from moon 2", "jump", *shipped[:8]]:
+                seen.append(alfworld_env.step(f"Thought: next.\nAction: {action}"))
+        return seen
+
+    assert textworld_parse_cache.install()  # AlfWorldEnv installs it; idempotent
+    cached = play()
+    with textworld_parse_cache.uncached():
+        import textworld.envs.pddl.textgen as textgen
+
+        assert textgen._parse_and_convert.__module__ == "textworld.envs.pddl.textgen"
+        plain = play()
+    assert textgen._parse_and_convert.__module__ == "fasteto.envs.textworld_parse_cache"
+    assert cached == plain and len(plain) > 30
+    assert any(step.won for step in plain[1:] if not isinstance(step, str))  # a shipped plan that wins
+
+
 def test_unparsable_reply_and_step_limit(alfworld_env):
     alfworld_env.reset(GAMES[0])
     first = alfworld_env.step("no action here")
