@@ -72,14 +72,16 @@ class PackedLinears:
             module: torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows)
             for module in model.modules() if type(module) is nn.Linear
         }
+        self._forwards = {module: partial(_linear, packed, module.bias)
+                          for module, packed in self.weights.items()}
 
     @contextlib.contextmanager
     def routed(self) -> Iterator[None]:
         """Inside the block those modules' forwards read the packed weights; restored after, also on
         error."""
         try:
-            for module, packed in self.weights.items():
-                module.forward = partial(_linear, packed, module.bias)
+            for module, forward in self._forwards.items():  # made once: this runs every decode step
+                module.forward = forward
             yield
         finally:
             for module in self.weights:
