@@ -32,19 +32,21 @@ def versions() -> dict[str, str]:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             out[name] = "not installed"
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = "unknown"
-    out["git_sha"] = sha
+    sha = _git("rev-parse", "HEAD")
+    out["git_sha"] = sha or "unknown"
+    if sha:  # tracked files edited since that commit: the run is not exactly what the SHA names
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        out["git_dirty"] = None if status is None else bool(status)
     return out
+
+
+def _git(*args: str) -> str | None:
+    """``git ARGS`` run in fasteto's source folder, its stripped output; None where git cannot answer."""
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _differences(old: Any, new: Any, prefix: str = "", defaults: Any = None) -> list[str]:

@@ -1,5 +1,5 @@
 """RunFolder: a different config is refused; an option added since the folder was made is not a
-difference while it stays at its default."""
+difference while it stays at its default; versions() records the source commit and whether it was edited."""
 
 from __future__ import annotations
 
@@ -36,3 +36,15 @@ def test_the_real_config_resumes_itself(tmp_path):
     config = to_dict(RunConfig())
     RunFolder(tmp_path, config, defaults=config)
     RunFolder(tmp_path, config, defaults=config)
+
+
+def test_versions_record_whether_tracked_files_were_edited(monkeypatch):
+    import fasteto.run as run
+
+    answers = {("rev-parse", "HEAD"): "a" * 40, ("status", "--porcelain", "--untracked-files=no"): " M x.py"}
+    monkeypatch.setattr(run, "_git", lambda *args: answers[args])
+    assert (run.versions()["git_sha"], run.versions()["git_dirty"]) == ("a" * 40, True)
+    answers[("status", "--porcelain", "--untracked-files=no")] = ""
+    assert run.versions()["git_dirty"] is False
+    monkeypatch.setattr(run, "_git", lambda *args: None)  # no git, or not a checkout
+    assert run.versions()["git_sha"] == "unknown" and "git_dirty" not in run.versions()
