@@ -332,7 +332,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "envs": {"names": ["sciworld", "alfworld"], "train_tasks": 64, "test_tasks": 12, "explore_tasks": 32},
         "sft": {"epochs": 2, "global_batch": 8, "lr": 5e-4, "max_length": 3072},
         # DPO LR 5e-6, not ETO's ratio (2.5e-5 here): at 2.5e-5 the expert's own log-probs fell 4-6 nats
-        # and ScienceWorld lost 18.6 points against SFT; at 5e-6 they held (README, results/small*).
+        # and ScienceWorld lost 18.6 points against SFT; at 5e-6 they held (README, results/small-a28bc3a*).
         "dpo": {"epochs": 1, "global_batch": 4, "lr": [5e-6], "max_target": 1536},
         "explore": {"max_new_tokens": 80, "concurrency": 8, "max_context": 4096, "max_steps": 15},
     },
