@@ -325,8 +325,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A run meant to move the numbers on 2 CPU cores (issue 11), sized from measured rates: ~1 env step/s
     # with 8 episodes in flight, ~200 SFT tokens/s for SmolLM2-135M, ~6 s per ALFWorld expert task.
     # 64 training tasks per environment (~150k expert tokens), 32 of them explored per iteration, 12 tasks
-    # per test split; DPO's LR keeps ETO's SFT:DPO ratio (2e-5 : 1e-6) at our measured SFT LR. Replies up
-    # to 80 tokens: the experts' are 27-33 tokens at the median, 68 at most. Measured: 1 h 54 min (README).
+    # per test split; DPO's LR below. Replies up to 80 tokens: the experts' are 27-33 tokens at the median,
+    # 68 at most. Measured: 1 h 13 min with --explore.linear onednn at d3606ad (README).
     "small": {
         # Both environments by name: missing ALFWorld data stops the run with the fix, not a quiet skip.
         "envs": {"names": ["sciworld", "alfworld"], "train_tasks": 64, "test_tasks": 12, "explore_tasks": 32},
