@@ -14,20 +14,17 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 from pathlib import Path
 
-ACTION = re.compile(r"Action:\s*(.*)")
+from fasteto.data.types import GPT, INSTRUCTION_LEN
+from fasteto.envs.base import parse_action
 
 
-def actions(messages: list[dict]) -> list[str]:
-    """The actions of the model's turns after the instruction exchange (first two messages)."""
-    out = []
-    for m in messages[2:]:
-        if m.get("from") == "gpt":
-            found = ACTION.search(m.get("value", ""))
-            out.append(found.group(1).strip() if found else "<no action>")
-    return out
+def actions(messages: list[dict], skip: int = INSTRUCTION_LEN) -> list[str]:
+    """The actions of the model's turns after the first ``skip`` messages (the instruction exchange), read
+    as the environments read them; ``<no action>`` where a reply has none."""
+    return [parse_action(m.get("value", "")) or "<no action>"
+            for m in messages[skip:] if m.get("from") == GPT]
 
 
 def line(name: str, episodes: list[list[str]]) -> str:
@@ -54,9 +51,9 @@ def main() -> None:
         for path in sorted(run.glob("iter-*/pairs_*.json")):
             pairs = json.loads(path.read_text(encoding="utf-8"))
             for side in ("chosen", "rejected"):
-                # a pair's sides hold only what follows its prompt: no instruction exchange to skip
-                print(line(f"{path.parent.name}/{path.stem} {side}",
-                           [actions([{}, {}, *p[side]]) for p in pairs]))
+                # a pair's sides hold only what follows its prompt: nothing to skip
+                name = f"{path.parent.name}/{path.stem} {side}"
+                print(line(name, [actions(p[side], skip=0) for p in pairs]))
 
 
 if __name__ == "__main__":

@@ -27,3 +27,8 @@ def test_line_counts_repeats_focus_and_verbs():
     assert action_stats.line("e", episodes) == (
         "  e                      n=2   actions/episode   2.5  repeats 1    focus 1   "
         "{'look': 2, 'focus': 1, 'go': 1, '<no action>': 1}")
+
+
+def test_pair_sides_are_read_from_their_first_message():
+    assert action_stats.actions([_gpt("Action: open door"), {"from": "human", "value": "ok"}], skip=0) == [
+        "open door"]
