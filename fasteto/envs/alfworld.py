@@ -251,9 +251,9 @@ class AlfWorldEnv(TextEnv):
             raise EnvSetupError(
                 "alfworld: the `alfworld` package is not installed; `pip install 'fasteto[envs]'`"
             ) from exc
-        from fasteto.envs import textworld_parse_cache
+        from fasteto.envs import textworld_speedups
 
-        textworld_parse_cache.install()  # the same observations, each step ~30% cheaper
+        textworld_speedups.install()  # the same observations, less work per step and per game start
 
     def _load(self, task_id: str) -> str:
         import textworld

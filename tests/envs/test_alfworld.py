@@ -46,30 +46,44 @@ def test_default_expert_replays_gt_traj_to_a_win(alfworld_env, alfworld_data, ta
     assert not any("You arrive at loc" in m["value"] for m in conv)
 
 
-def test_parse_cache_leaves_every_observation_unchanged(alfworld_env, alfworld_data):
-    """Each game's shipped expert actions plus actions that fail, played with TextWorld's own parsing
-    and with the cache: the same observations, rewards and ends."""
-    from fasteto.envs import textworld_parse_cache
+def test_textworld_speedups_leave_every_observation_unchanged(alfworld_env, alfworld_data, monkeypatch):
+    """Each game's shipped expert actions plus actions that fail, played with TextWorld's own functions
+    and with the patches: the same observations, rewards and ends. A game start translates the PDDL
+    problem twice (as is, and for replanning) instead of four times, and a second start of the same game
+    translates afresh."""
+    from fasteto.envs import textworld_speedups
 
     def play():
         seen = []
-        for task_id in GAMES:
+        for task_id in [*GAMES, GAMES[0]]:
             seen.append(alfworld_env.reset(task_id))
             shipped = read_gt_traj(alfworld_data / "json_2.1.1" / "train" / task_id / "gt_traj.json")
             for action in ["look", "inventory", "take sky 1 from moon 2", "jump", *shipped[:8]]:
                 seen.append(alfworld_env.step(f"Thought: next.\nAction: {action}"))
         return seen
 
-    assert textworld_parse_cache.install()  # AlfWorldEnv installs it; idempotent
-    cached = play()
-    with textworld_parse_cache.uncached():
-        import textworld.envs.pddl.textgen as textgen
+    import sys
 
+    import textworld.envs.pddl.textgen as textgen
+
+    monkeypatch.setattr(sys, "argv", ["translate.py", "domain", "task"])  # its options module parses argv
+    from fast_downward.translate import translate
+
+    calls = []
+    pddl_to_sas = translate.pddl_to_sas
+    monkeypatch.setattr(translate, "pddl_to_sas", lambda task: calls.append(task) or pddl_to_sas(task))
+    assert textworld_speedups.install()  # AlfWorldEnv installs it; idempotent
+    patched = play()
+    patched_calls = len(calls)
+    with textworld_speedups.unpatched():
         assert textgen._parse_and_convert.__module__ == "textworld.envs.pddl.textgen"
+        assert textgen.copy_context.__module__ == "textworld.envs.pddl.textgen"
         plain = play()
-    assert textgen._parse_and_convert.__module__ == "fasteto.envs.textworld_parse_cache"
-    assert cached == plain and len(plain) > 30
+    assert textgen._parse_and_convert.__module__ == "fasteto.envs.textworld_speedups"
+    assert patched == plain and len(plain) > 40
     assert any(step.won for step in plain[1:] if not isinstance(step, str))  # a shipped plan that wins
+    starts = len(GAMES) + 1
+    assert (patched_calls, len(calls) - patched_calls) == (2 * starts, 4 * starts)
 
 
 def test_unparsable_reply_and_step_limit(alfworld_env):
