@@ -12,16 +12,20 @@ training loop does) with the same SmolLM2-135M-Instruct, greedily, with the same
   step, environments step while the model decodes), fp32, ``F.linear``;
 - ``continuous-onednn``: the same with its linears on weights packed once for oneDNN (fp32: the sums
   differ from ``F.linear``'s in the last bits);
-- ``continuous-bf16``: bfloat16 weights and KV, packed linears (``auto``: bit-identical in bf16).
+- ``continuous-bf16``: bfloat16 weights and KV, packed linears (``auto``: bit-identical in bf16);
+- ``continuous-lean``: the same through the lean Llama forward (``fasteto.rollout.lean_forward``: plain
+  tensor calls, q/k/v and gate/up one matmul each) instead of the model's own modules; the three
+  before it run the model's own (``forward="hf"``).
 
 So ``plain-batched / plain-serial`` is batching (with the environments of a round stepping in parallel
 threads; their time is recorded apart and bounds that part), ``kv / plain-batched`` is KV reuse,
 ``continuous / kv`` is the scheduling (and env overlap), ``continuous-onednn / continuous`` the packed
-linears, ``continuous-bf16 / continuous-onednn`` the dtype.
+linears, ``continuous-bf16 / continuous-onednn`` the dtype, ``continuous-lean / continuous-bf16`` the
+forward.
 Each repeat runs every contender once, in turn, after one untimed warm-up per engine; the rows record
 the median and the range over repeats. The exact contenders (the plain ones, ``kv`` and ``continuous``)
-must generate the same token ids turn by turn as ``plain-batched`` (asserted); for ``continuous-onednn``
-and ``continuous-bf16`` the share of turns with identical ids is recorded.
+must generate the same token ids turn by turn as ``plain-batched`` (asserted); for the other continuous
+contenders the share of turns with identical ids is recorded.
 
 The decode ceiling is printed beside each continuous contender: a token step must at least read the
 weights once (all rows in flight share that read) and every row's keys and values up to its position, so
@@ -54,7 +58,8 @@ EPISODES, TURNS, REPEATS = (int(x) for x in os.environ.get("FASTETO_BENCH_EXPLOR
 SHARED_ALFWORLD = Path(__file__).resolve().parents[2] / "shared" / "data" / "alfworld"
 MAX_NEW_TOKENS = 48  # the default preset's
 ALL_CONTENDERS = ["plain-serial", "plain-batched", "kv", "continuous", "continuous-onednn",
-                  "continuous-bf16"]
+                  "continuous-bf16", "continuous-lean"]
+CONTINUOUS = [c for c in ALL_CONTENDERS if c.startswith("continuous")]
 EXACT = ("plain-serial", "plain-batched", "kv", "continuous")  # token ids asserted equal
 # A subset (comma-separated), e.g. to re-measure the engines after a change without the slow plain ones;
 # ratios are printed for the pairs present, and the exact ones' token ids are checked against the first.
@@ -124,8 +129,10 @@ def make_engine(who: str, fp32, bf16, tokenizer):
         return TransformersEngine(fp32, tokenizer, batch_size=EPISODES), EPISODES
     if who == "kv":
         return KVCacheEngine(fp32, tokenizer, batch_size=EPISODES), EPISODES
-    return ContinuousEngine(bf16 if who.endswith("bf16") else fp32, tokenizer, slots=EPISODES,
-                            linear="onednn" if who == "continuous-onednn" else "auto"), EPISODES
+    model = fp32 if who in ("continuous", "continuous-onednn") else bf16
+    linear = "onednn" if who == "continuous-onednn" else "auto"
+    return ContinuousEngine(model, tokenizer, slots=EPISODES, linear=linear,
+                            forward="lean" if who == "continuous-lean" else "hf"), EPISODES
 
 
 def play(engine, concurrency: int, envs: dict[str, list], tasks: dict[str, list[str]], turns: int):
@@ -205,7 +212,7 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
             if hasattr(engine, "forwards"):
                 floor = floor_seconds(engine, engine.model, bandwidth)
                 row.update(floor_seconds=floor, ceiling_steps_per_s=steps / floor, forwards=engine.forwards,
-                           attention=engine.attention, linear=engine.linear)
+                           attention=engine.attention, linear=engine.linear, forward=engine.forward_impl)
             runs[who].append(row)
             ids.setdefault(who, {(env, key): turns for env, r in zip(ENVS, reports, strict=True)
                                  for key, turns in r.reply_ids.items()})
@@ -241,7 +248,7 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
             "ceiling_env_steps_per_s_median": statistics.median(ceilings) if ceilings else None,
             "read_bandwidth_gb_per_s": bandwidth / 1e9, "mean_reply_tokens": statistics.mean(reply_tokens),
             "torch_threads": torch.get_num_threads(), "attention": rows[0].get("attention"),
-            "linear": rows[0].get("linear"),
+            "linear": rows[0].get("linear"), "forward": rows[0].get("forward"),
         })
 
     def spread(who):
@@ -255,22 +262,25 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
                            ("continuous-onednn", "continuous", "packed linears, fp32"),
                            ("continuous-bf16", "continuous-onednn", "bf16 (both packed)"),
                            ("continuous-bf16", "continuous", "bf16 and packed linears"),
+                           ("continuous-lean", "continuous-bf16", "lean forward (bf16, both packed)"),
                            ("continuous", "plain-batched", "new engine fp32 vs plain batched"),
                            ("continuous", "plain-serial", "new engine fp32 vs plain serial"),
                            ("continuous-onednn", "plain-batched", "new engine fp32 packed vs plain batched"),
                            ("continuous-onednn", "plain-serial", "new engine fp32 packed vs plain serial"),
                            ("continuous-bf16", "plain-batched", "new engine bf16 vs plain batched"),
-                           ("continuous-bf16", "plain-serial", "new engine bf16 vs plain serial")]:
+                           ("continuous-bf16", "plain-serial", "new engine bf16 vs plain serial"),
+                           ("continuous-lean", "plain-batched", "new engine bf16 lean vs plain batched"),
+                           ("continuous-lean", "plain-serial", "new engine bf16 lean vs plain serial")]:
         if num not in runs or den not in runs:
             continue
         ratios = [a["steps_per_s"] / b["steps_per_s"] for a, b in zip(runs[num], runs[den], strict=True)]
         lines.append(f"  {what}: {num} / {den} = {median[num] / median[den]:.2f}x "
                      f"(per repeat {min(ratios):.2f}-{max(ratios):.2f})")
-    for who in [c for c in ("continuous", "continuous-onednn", "continuous-bf16") if c in runs]:
+    for who in [c for c in CONTINUOUS if c in runs]:
         ceiling = statistics.median(r["ceiling_steps_per_s"] for r in runs[who])
         lines.append(f"  {who}: ceiling {ceiling:.1f} env steps/s (weights + KV read at "
                      f"{bandwidth / 1e9:.0f} GB/s), measured {median[who]:.2f} = {median[who] / ceiling:.0%}")
-    for who in [c for c in ("continuous-onednn", "continuous-bf16") if c in ids]:
+    for who in [c for c in CONTINUOUS if c in ids and c not in EXACT]:
         lines.append(f"  {who}: turns with token ids equal to {anchor}'s: {agreement(ids[who], base):.0%}")
     lines.append(f"  {device_description('cpu')}")
     bench_report.lines += lines

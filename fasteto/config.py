@@ -288,6 +288,10 @@ class ExploreConfig:
         "continuous engine's linear layers: onednn (weights packed once per policy, one more copy in "
         "memory; CPU; in float32 its sums differ from torch's in the last bits), torch (F.linear) or auto "
         "(onednn for bfloat16 weights on the CPU, where it is bit-identical to torch; else torch)", "auto")
+    forward: typing.Literal["auto", "hf", "lean"] = _help(
+        "continuous engine's model forward: lean (Llama family: plain tensor calls over weights gathered "
+        "once per policy, q/k/v and gate/up one matmul each), hf (the model's own modules) or auto (lean "
+        "for a Llama model with onednn linears, else hf)", "auto")
     cache_tokens: int = _help("tokens of KV the kv engine keeps between turns", 65536)
     sglang_url: str | None = _help("a running SGLang server (started with --skip-tokenizer-init) to use "
                                    "instead of starting one in this process", None)

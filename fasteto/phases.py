@@ -85,7 +85,7 @@ class EtoLoop:
         if opts.dtype not in ("model", "auto") and opts.engine != "continuous":
             raise ValueError(f"explore.dtype {opts.dtype}: only the continuous engine takes a dtype of its "
                              f"own; with --explore.engine {opts.engine} set model.dtype instead")
-        for option in ("attention", "linear"):
+        for option in ("attention", "linear", "forward"):
             if getattr(opts, option) != "auto" and opts.engine != "continuous":
                 raise ValueError(f"explore.{option} {getattr(opts, option)}: only the continuous engine "
                                  "takes it")
@@ -428,7 +428,7 @@ class EtoLoop:
             dtype = engine_dtype(opts.dtype, self.dtype)
             return ContinuousEngine(self._load(policy, dtype), self.tokenizer, slots=opts.concurrency,
                                     max_context=opts.max_context, attention=opts.attention,
-                                    linear=opts.linear)
+                                    linear=opts.linear, forward=opts.forward)
         common = {"batch_size": opts.concurrency, "max_context": opts.max_context}
         if opts.dtype == "auto":
             record_choice("explore.dtype", "model", f"the {opts.engine} engine runs the model's dtype")

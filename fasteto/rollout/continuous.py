@@ -33,7 +33,7 @@ import torch
 
 from fasteto.data.types import Message
 from fasteto.ops.decode_attention.api import resolve as resolve_attention
-from fasteto.rollout import packed_linear
+from fasteto.rollout import lean_forward, packed_linear
 from fasteto.rollout.engine import (
     GenerationConfig,
     decode_reply,
@@ -84,10 +84,14 @@ class ContinuousEngine:
         linear: the linear layers (``fasteto.rollout.packed_linear``): ``onednn`` (weights packed once per
             ``update_weights``; one more copy of them in memory), ``torch`` (``F.linear``) or ``auto``
             (``onednn`` for bf16 weights on the CPU, where it is bit-identical; recorded).
+        forward: the model's forward (``fasteto.rollout.lean_forward``): ``lean`` (Llama family: plain
+            tensor calls over weights gathered once per ``update_weights``, q/k/v and gate/up as one
+            matmul each), ``hf`` (the model's own modules) or ``auto`` (``lean`` for a supported model with
+            ``onednn`` linears; recorded).
     """
 
     def __init__(self, model: Any, tokenizer: Any, slots: int = 8, max_context: int | None = None,
-                 attention: str = "auto", linear: str = "auto"):
+                 attention: str = "auto", linear: str = "auto", forward: str = "auto"):
         if slots < 1:
             raise ValueError(f"slots must be ≥ 1, got {slots}")
         self.tokenizer = tokenizer
@@ -100,7 +104,7 @@ class ContinuousEngine:
         self.context_tokens = 0  # slot positions the steps' rows attended to, summed over rows and steps
         self.last_token_ids: list[list[int]] = []  # of the last generate() call, per conversation
         self.attention = resolve_attention(attention, next(model.parameters()).device)
-        self.linear_option = linear
+        self.linear_option, self.forward_option = linear, forward
         self.update_weights(model)
 
     def update_weights(self, model: Any) -> None:
@@ -109,7 +113,12 @@ class ContinuousEngine:
         self.model = model
         param = next(model.parameters())
         self.linear = packed_linear.resolve(self.linear_option, param.dtype, param.device)
-        self.packed = packed_linear.PackedLinears(model, self.num_slots) if self.linear == "onednn" else None
+        self.forward_impl = lean_forward.resolve(self.forward_option, model, self.linear)
+        self.lean = self.packed = None
+        if self.forward_impl == "lean":
+            self.lean = lean_forward.LeanLlama(model, self.num_slots, onednn=self.linear == "onednn")
+        elif self.linear == "onednn":
+            self.packed = packed_linear.PackedLinears(model, self.num_slots)
         self.stops = stop_token_ids(self.tokenizer, model)
         layers, heads, dim = kv_shape(model)
         self.store = SlotStore(layers, self.num_slots, heads, dim, param.dtype, param.device,
@@ -243,6 +252,8 @@ class ContinuousEngine:
 
     def _forward(self, ids: torch.Tensor, step: PackedStep) -> torch.Tensor:
         """Logits ``[R, V]`` at each segment's last token."""
+        if self.lean is not None:
+            return self.lean(ids, step)
         was_training = self.model.training
         self.model.eval()
         try:

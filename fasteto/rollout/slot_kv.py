@@ -129,10 +129,14 @@ class PackedStep:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write the packed tokens' keys/values ``[1, H_kv, N, D]`` into their slots; return them as given
         (the slot attention reads the slots, not these)."""
-        keys, values = self.store.keys[layer_idx], self.store.values[layer_idx]
-        keys[self.token_slot, :, self.token_pos] = key_states[0].transpose(0, 1).to(keys.dtype)
-        values[self.token_slot, :, self.token_pos] = value_states[0].transpose(0, 1).to(values.dtype)
+        self.write(layer_idx, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
         return key_states, value_states
+
+    def write(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the packed tokens' ``keys`` and ``values`` ``[N, H_kv, D]`` into their slots."""
+        store_keys, store_values = self.store.keys[layer_idx], self.store.values[layer_idx]
+        store_keys[self.token_slot, :, self.token_pos] = keys.to(store_keys.dtype)
+        store_values[self.token_slot, :, self.token_pos] = values.to(store_values.dtype)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions come from position_ids; nothing in the model may derive them from this
@@ -149,19 +153,26 @@ def slot_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
                          "slot_step=; only the continuous engine runs this attention")
     if dropout or attention_mask is not None:
         raise NotImplementedError("slot attention has no dropout and takes no extra mask")
-    keys, values = slot_step.store.keys[module.layer_idx], slot_step.store.values[module.layer_idx]
+    return slot_attend(module.layer_idx, query, slot_step, scaling, sliding_window), None
+
+
+def slot_attend(layer_idx: int, query: torch.Tensor, step: PackedStep, scaling: float | None = None,
+                sliding_window: int | None = None) -> torch.Tensor:
+    """Layer ``layer_idx``'s attention over the slots for ``query`` ``[1, H, N, D]`` (any strides): each
+    segment attends causally to its slot up to its own positions. Returns ``[1, N, H, D]``."""
+    keys, values = step.store.keys[layer_idx], step.store.values[layer_idx]
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
     offset = 0
-    for slot, start, n in zip(slot_step.slots, slot_step.starts, slot_step.lengths, strict=True):
+    for slot, start, n in zip(step.slots, step.starts, step.lengths, strict=True):
         if sliding_window is not None and start + n > sliding_window:
             raise NotImplementedError(f"a row reached {start + n} tokens, past sliding_window="
                                       f"{sliding_window}; slot attention has no window")
         if n > 1:
             _prefill(query, keys, values, out, slot, start, n, offset, scaling)
         offset += n
-    if len(slot_step.decode_index):
-        _decode(query, keys, values, out, slot_step, query.shape[3] ** -0.5 if scaling is None else scaling)
-    return out, None
+    if len(step.decode_index):
+        _decode(query, keys, values, out, step, query.shape[3] ** -0.5 if scaling is None else scaling)
+    return out
 
 
 def _prefill(query, keys, values, out, slot: int, start: int, n: int, offset: int, scaling) -> None:

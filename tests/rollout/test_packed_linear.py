@@ -81,7 +81,7 @@ def test_continuous_engine_replies_are_token_identical_with_packed_bf16_linears(
     tokenizer = byte_tokenizer()
     model = tiny_llama(len(tokenizer), hidden_size=48).to(torch.bfloat16)
     cfg = GenerationConfig(max_new_tokens=12)
-    packed = ContinuousEngine(model, tokenizer, 4, linear="auto")
+    packed = ContinuousEngine(model, tokenizer, 4, linear="auto", forward="hf")
     plain = ContinuousEngine(model, tokenizer, 4, linear="torch")
     assert (packed.linear, plain.linear) == ("onednn", "torch")
     convs = conversations()
@@ -94,7 +94,7 @@ def test_update_weights_packs_the_new_weights():
     tokenizer = byte_tokenizer()
     cfg = GenerationConfig(max_new_tokens=8)
     first, second = (tiny_llama(len(tokenizer), seed=s, hidden_size=48).to(torch.bfloat16) for s in (0, 1))
-    engine = ContinuousEngine(first, tokenizer, 2, linear="onednn")
+    engine = ContinuousEngine(first, tokenizer, 2, linear="onednn", forward="hf")
     engine.update_weights(second)
     convs = conversations()[:2]
     expected = ContinuousEngine(second, tokenizer, 2, linear="torch").generate(convs, cfg)
