@@ -25,7 +25,9 @@ forward.
 Each repeat runs every contender once, in turn, after one untimed warm-up per engine; the rows record
 the median and the range over repeats. The exact contenders (the plain ones, ``kv`` and ``continuous``)
 must generate the same token ids turn by turn as ``plain-batched`` (asserted); for the other continuous
-contenders the share of turns with identical ids is recorded.
+contenders the share of turns with identical ids is recorded, and for every contender the share of each
+repeat's turns equal to its own first repeat's (below 100%: its replies depend on the step schedule,
+which depends on when the environments answer).
 
 The decode ceiling is printed beside each continuous contender: a token step must at least read the
 weights once (all rows in flight share that read) and every row's keys and values up to its position, so
@@ -196,7 +198,8 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
     warmup = {"sciworld": [sciworld_ids("dev")[0]], "alfworld": [alfworld_ids(data, "valid_seen")[0]]}
     envs = open_envs(data, per_env)
     runs: dict[str, list[dict]] = {who: [] for who in CONTENDERS}
-    ids: dict[str, dict] = {}
+    ids: dict[str, dict] = {}  # of each contender's first repeat
+    repeat_agreement: dict[str, list[float]] = {}  # each repeat's turns equal to the first repeat's
     bandwidth = read_bandwidth_bytes_per_s()
 
     def one_repeat():
@@ -214,8 +217,10 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
                 row.update(floor_seconds=floor, ceiling_steps_per_s=steps / floor, forwards=engine.forwards,
                            attention=engine.attention, linear=engine.linear, forward=engine.forward_impl)
             runs[who].append(row)
-            ids.setdefault(who, {(env, key): turns for env, r in zip(ENVS, reports, strict=True)
-                                 for key, turns in r.reply_ids.items()})
+            played = {(env, key): turns for env, r in zip(ENVS, reports, strict=True)
+                      for key, turns in r.reply_ids.items()}
+            ids.setdefault(who, played)
+            repeat_agreement.setdefault(who, []).append(agreement(played, ids[who]))
             print(f"{who}: {steps} env steps in {seconds:.1f} s (env {row['env_seconds']})", flush=True)
 
     try:
@@ -245,6 +250,7 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
             "seconds_median": statistics.median(r["seconds"] for r in rows),
             "env_seconds": [r["env_seconds"] for r in rows],
             "token_agreement_vs_fp32": agreement(ids[who], base), "fp32_anchor": anchor,
+            "token_agreement_vs_own_first_repeat": repeat_agreement[who],
             "ceiling_env_steps_per_s_median": statistics.median(ceilings) if ceilings else None,
             "read_bandwidth_gb_per_s": bandwidth / 1e9, "mean_reply_tokens": statistics.mean(reply_tokens),
             "torch_threads": torch.get_num_threads(), "attention": rows[0].get("attention"),
@@ -281,6 +287,8 @@ def test_explore_sciworld_and_alfworld(benchmark, bench_report):
         lines.append(f"  {who}: ceiling {ceiling:.1f} env steps/s (weights + KV read at "
                      f"{bandwidth / 1e9:.0f} GB/s), measured {median[who]:.2f} = {median[who] / ceiling:.0%}")
     for who in [c for c in CONTINUOUS if c in ids and c not in EXACT]:
-        lines.append(f"  {who}: turns with token ids equal to {anchor}'s: {agreement(ids[who], base):.0%}")
+        own = ", ".join(f"{a:.0%}" for a in repeat_agreement[who][1:])
+        lines.append(f"  {who}: turns with token ids equal to {anchor}'s: {agreement(ids[who], base):.0%}; "
+                     f"to its own first repeat's: {own}")
     lines.append(f"  {device_description('cpu')}")
     bench_report.lines += lines
