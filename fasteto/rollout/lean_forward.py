@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasteto.rollout import packed_linear
 from fasteto.rollout.slot_kv import PackedStep, slot_attend
 from fasteto.utils.choices import record_choice
 
@@ -47,12 +48,11 @@ def unsupported(model: nn.Module) -> str | None:
     rope = getattr(model.model.rotary_emb, "rope_type", "default")
     if rope in ("dynamic", "longrope"):
         return f"RoPE type {rope!r} changes its frequencies with the length"
-    for i, layer in enumerate(model.model.layers):
-        for name in PROJECTIONS:
-            module = layer.get_submodule(name)
-            if type(module) is not nn.Linear:
-                return (f"layers.{i}.{name} is a {type(module).__name__}, not a plain nn.Linear (merge "
-                        "adapters first)")
+    linears = {f"layers.{i}.{name}": layer.get_submodule(name)
+               for i, layer in enumerate(model.model.layers) for name in PROJECTIONS}
+    for name, module in {**linears, "lm_head": model.lm_head}.items():
+        if type(module) is not nn.Linear:
+            return f"{name} is a {type(module).__name__}, not a plain nn.Linear (merge adapters first)"
     return None
 
 
@@ -76,8 +76,8 @@ def resolve(impl: str, model: nn.Module, linear: str) -> str:
 
 class LeanLlama:
     """The weights of a Llama ``model`` gathered for packed steps (``onednn``: packed for about ``rows``
-    rows). Memory: one more copy of the decoder's and the head's weights. Gather again after the
-    weights change."""
+    rows). Memory: ``onednn``, one packed copy of the decoder's and the head's weights; ``F.linear``, a
+    copy of the concatenated q/k/v and gate/up weights only. Gather again after the weights change."""
 
     def __init__(self, model: nn.Module, rows: int, onednn: bool):
         config, body = model.config, model.model
@@ -87,19 +87,23 @@ class LeanLlama:
         self.eps = config.rms_norm_eps
         self.inv_freq = body.rotary_emb.inv_freq.float()
         self.rope_scale = body.rotary_emb.attention_scaling
-        pack = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows)) if onednn else (lambda w: w)
-        self.linear = _onednn_linear if onednn else F.linear
+        self.linear = packed_linear.linear if onednn else F.linear
+
+        def weight(*modules: nn.Linear) -> torch.Tensor:
+            weights = [m.weight.detach() for m in modules]
+            joined = torch.cat(weights) if len(weights) > 1 else weights[0]
+            return packed_linear.pack(joined, rows) if onednn else joined
+
         self.layers = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            weight = lambda *mods: pack(torch.cat([m.weight.detach() for m in mods]))  # noqa: E731
             self.layers.append((layer.input_layernorm.weight.detach(),
                                 weight(attn.q_proj, attn.k_proj, attn.v_proj), weight(attn.o_proj),
                                 layer.post_attention_layernorm.weight.detach(),
                                 weight(mlp.gate_proj, mlp.up_proj), weight(mlp.down_proj)))
         self.norm = body.norm.weight.detach()
         self.embed = body.embed_tokens.weight.detach()
-        self.head = pack(model.lm_head.weight.detach())
+        self.head = weight(model.lm_head)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, step: PackedStep) -> torch.Tensor:
@@ -139,6 +143,3 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-
-def _onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")

@@ -68,10 +68,8 @@ class PackedLinears:
     works). Pack again after the weights change."""
 
     def __init__(self, model: nn.Module, rows: int):
-        self.weights = {
-            module: torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows)
-            for module in model.modules() if type(module) is nn.Linear
-        }
+        self.weights = {module: pack(module.weight.detach(), rows)
+                        for module in model.modules() if type(module) is nn.Linear}
         self._forwards = {module: partial(_linear, packed, module.bias)
                           for module, packed in self.weights.items()}
 
@@ -88,6 +86,15 @@ class PackedLinears:
                 module.__dict__.pop("forward", None)
 
 
-def _linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """``x [..., K] @ W.T + bias`` → ``[..., N]`` with ``W`` packed by ``PackedLinears``."""
+def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` ``[N, K]`` laid out once for oneDNN products with about ``rows`` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ W.T + bias`` → ``[..., N]`` with ``W`` packed by ``pack``."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, packed, bias)

@@ -3,7 +3,6 @@ choice explicit, unsupported models refused with the reason."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from test_engine import conversations
@@ -113,5 +112,18 @@ def test_adapters_and_biases_are_refused_with_the_reason():
     biased = tiny_llama(64)
     biased.config.attention_bias = True
     assert "biases" in lean_forward.unsupported(biased)
+    head = get_peft_model(tiny_llama(64), LoraConfig(r=2, target_modules=["lm_head"])).base_model.model
+    assert lean_forward.unsupported(head).startswith("lm_head is a")
     assert lean_forward.unsupported(tiny_llama(64)) is None
-    assert np.isfinite(lean_forward.LeanLlama(tiny_llama(64), 2, onednn=False).scaling)
+
+
+def test_gathered_weights_are_the_models_concatenated():
+    model = tiny_llama(64, hidden_size=48)  # 4 heads and 2 kv heads of 12; MLP 96
+    lean = lean_forward.LeanLlama(model, 2, onednn=False)
+    norm1, qkv, o, norm2, gate_up, down = lean.layers[1]
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    assert [w.shape for w in (qkv, o, gate_up, down)] == [(96, 48), (48, 48), (192, 48), (48, 96)]
+    assert torch.equal(qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert torch.equal(gate_up[96:], mlp.up_proj.weight) and torch.equal(lean.head, model.lm_head.weight)
+    assert torch.equal(norm1, model.model.layers[1].input_layernorm.weight)
+    assert torch.equal(norm2, model.model.layers[1].post_attention_layernorm.weight)
